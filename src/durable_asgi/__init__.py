@@ -1,0 +1,1 @@
+"""durable_asgi: durable, resumable streaming HTTP responses for any ASGI app."""

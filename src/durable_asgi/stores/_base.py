@@ -1,0 +1,282 @@
+"""The `Store` protocol every backend implements, and the few pieces they share.
+
+A store keeps *streams*. A stream is one recorded HTTP response: a head (status and headers),
+an append-only body addressed by byte offset, and a state. Exactly one *producer* writes a
+stream; it proves it is still the producer with a `Lease` whose token fences every write, so a
+producer that lost its lease (aborted, deleted, or presumed dead and taken over) can never write
+again. Any number of readers read from any offset and `wait` for changes.
+
+State machine::
+
+    (absent) --claim--> running --finish--> complete | failed | aborted
+                          |  \\--abort-----> aborted
+                          \\--lease expires--> failed   (reported by `info`/`read`)
+
+A stream is *claimable* (the next `claim` replaces it with a fresh one) when it is absent,
+expired, `failed`, running with an expired lease, or finished but not retained (non-2xx).
+
+Third-party stores implement `Store`; `tests/test_store_conformance.py` is the suite they must
+pass. All times are Unix seconds (wall clock) because several processes share a store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol, runtime_checkable
+
+import anyio
+
+__all__ = [
+    "FINAL_STATES",
+    "Headers",
+    "Lease",
+    "LeaseLost",
+    "Notifier",
+    "State",
+    "Store",
+    "StoreError",
+    "StoreFull",
+    "StreamInfo",
+    "effective",
+    "is_claimable",
+    "new_token",
+    "stream_id",
+]
+
+State = Literal["running", "complete", "failed", "aborted"]
+FinalState = Literal["complete", "failed", "aborted"]
+FINAL_STATES: frozenset[str] = frozenset({"complete", "failed", "aborted"})
+Headers = tuple[tuple[bytes, bytes], ...]
+
+#: Keys longer than this, or with characters outside printable ASCII, are hashed.
+MAX_RAW_ID = 200
+
+
+class StoreError(Exception):
+    """A store operation failed (connection lost, corrupt data, ...)."""
+
+
+class LeaseLost(StoreError):
+    """The producer's lease is gone: the stream was aborted, deleted or taken over.
+
+    The producer must stop: every further write is refused.
+    """
+
+
+class StoreFull(StoreError):
+    """The store is at capacity and nothing finished could be evicted to make room."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof that the holder is the one producer of `stream_id` (the fencing token)."""
+
+    stream_id: str
+    token: str
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """A consistent snapshot of one stream's metadata.
+
+    `version` changes on every change to the stream (head set, bytes appended, state changed),
+    so a reader can wait for "anything new since this snapshot". `generation` is the producer's
+    lease token: a reader that sees it change knows the stream was deleted and started again.
+    """
+
+    id: str
+    state: State
+    generation: str
+    version: int
+    offset: int
+    """Bytes stored so far (the body's length once the stream is finished)."""
+    chunks: int
+    """Body messages the handler sent with data."""
+    readers: int
+    status_code: int | None
+    """The response status, or None while the handler has not started its response."""
+    headers: Headers | None
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    """When a finished stream is forgotten (None while running)."""
+    lease_expires_at: float | None
+    """When the producer's lease runs out unless renewed (None once finished)."""
+    retain: bool = True
+    """False for a finished non-2xx response: it was delivered, not kept."""
+
+    @property
+    def in_progress(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where durable streams live. Implemented by `MemoryStore`, `SQLiteStore`, `RedisStore`.
+
+    Every method is safe to call concurrently from many tasks (and, for shared stores, many
+    processes). Writes that take a `Lease` raise `LeaseLost` when the lease is no longer the
+    stream's current one.
+
+    Example, the life of a stream::
+
+        lease = await store.claim("/chat#42", lease_seconds=5)
+        assert isinstance(lease, Lease)           # we won: nobody else was producing it
+        await store.start(lease, 200, ((b"content-type", b"text/plain"),))
+        await store.append(lease, b"hello ", chunks=1)
+        await store.finish(lease, "complete", ttl=3600)
+        info, data = await store.read("/chat#42", 0, 1 << 16)   # -> (StreamInfo, b"hello ")
+    """
+
+    async def open(self) -> None:
+        """Connect / create schema. Idempotent; called from ASGI lifespan or on first use."""
+
+    async def close(self) -> None:
+        """Release connections and threads. Idempotent."""
+
+    async def claim(self, stream_id: str, *, lease_seconds: float) -> Lease | StreamInfo:
+        """Atomically become the producer of `stream_id`, or learn who is.
+
+        Returns a `Lease` on a fresh, empty, `running` stream when the stream was claimable (see
+        `is_claimable`; the old one's data is discarded), else the existing stream's `StreamInfo`.
+        Of N concurrent claims exactly one gets a lease. Raises `StoreFull` when at capacity.
+        """
+
+    async def start(self, lease: Lease, status: int, headers: Headers) -> None:
+        """Record the response head. Called once, before any `append`."""
+
+    async def append(self, lease: Lease, data: bytes, *, chunks: int) -> None:
+        """Append `data` (which holds `chunks` handler messages) at the end of the body."""
+
+    async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
+        """Extend the lease to now + `lease_seconds`."""
+
+    async def finish(self, lease: Lease, state: FinalState, *, ttl: float, retain: bool) -> None:
+        """End the stream. It is kept `ttl` seconds from now; `retain=False` makes it
+        claimable at once (its readers still get the whole response)."""
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        """The stream's metadata, None when absent or expired."""
+
+    async def read(
+        self, stream_id: str, offset: int, limit: int
+    ) -> tuple[StreamInfo | None, bytes]:
+        """Up to `limit` bytes of body from `offset` (fewer, or none, when that's all there
+        is), with a snapshot taken atomically with them: if the snapshot's state is final,
+        `offset + len(data)` reaching `info.offset` means the reader has everything."""
+
+    async def wait(self, info: StreamInfo, timeout: float) -> None:
+        """Return when the stream may have changed since `info` was taken (data appended, head
+        set, state changed, deleted), or after `timeout` seconds. Spurious returns are allowed;
+        missed changes are not: a change made before the call returns at once."""
+
+    async def attach(self, stream_id: str, delta: int) -> None:
+        """Count readers in (+1) and out (-1) for `StreamInfo.readers`."""
+
+    async def abort(self, stream_id: str, *, ttl: float) -> bool:
+        """Stop a running stream: state becomes `aborted` (kept `ttl` seconds), the producer's
+        lease is revoked, bytes so far stay readable. True if it was running. Idempotent."""
+
+    async def delete(self, stream_id: str) -> bool:
+        """Revoke the producer's lease and remove the stream. True if it existed. Idempotent."""
+
+    async def purge_expired(self) -> int:
+        """Remove expired streams now; returns how many were removed."""
+
+    def scan(self) -> AsyncIterator[StreamInfo]:
+        """Every stream in the store (for the operator CLI)."""
+
+
+def new_token() -> str:
+    """A fresh lease token / stream generation."""
+    return secrets.token_hex(12)
+
+
+def effective(info: StreamInfo, now: float | None = None) -> StreamInfo:
+    """`info` as readers must see it: a running stream whose lease ran out has `failed`."""
+    if info.state == "running" and info.lease_expires_at is not None:
+        if (time.time() if now is None else now) > info.lease_expires_at:
+            return replace(info, state="failed", lease_expires_at=None)
+    return info
+
+
+def is_claimable(info: StreamInfo | None, now: float | None = None) -> bool:
+    """Whether a `claim` may replace this stream (see the module docstring)."""
+    if info is None:
+        return True
+    now = time.time() if now is None else now
+    info = effective(info, now)
+    if info.state == "running":
+        return False
+    if info.state == "failed" or not info.retain:
+        return True
+    return info.expires_at is not None and info.expires_at <= now
+
+
+def stream_id(namespace: str, key: str, owner: str | None = None) -> str:
+    """The store id for `key` in `namespace`, bound to `owner` when given.
+
+    Readable (``"/chat#42"``) when short and printable; otherwise — and always when an owner is
+    given — a SHA-256 hash, so raw user input never becomes a store key and owners' streams can
+    never collide.
+    """
+    raw = f"{namespace}#{key}"
+    if (
+        owner is None
+        and "#" not in namespace
+        and len(raw) <= MAX_RAW_ID
+        and raw.isprintable()
+        and raw.isascii()
+        and not raw.startswith("sha256:")
+    ):
+        return raw
+    digest = hashlib.sha256()
+    for part in (namespace, key, owner or ""):
+        encoded = part.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "big") + encoded)
+    return "sha256:" + digest.hexdigest()
+
+
+class Notifier:
+    """In-process wake-ups per stream: one `anyio.Event` per waited-on stream.
+
+    A store calls `notify(id)` after every change it makes; `wait(id, timeout)` returns on the next
+    notify. Cheap when nobody waits (no event is created). Used by every bundled store so readers
+    in the producer's process are woken without polling.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[str, anyio.Event] = {}
+
+    def notify(self, stream_id: str) -> None:
+        event = self._events.pop(stream_id, None)
+        if event is not None:
+            event.set()
+
+    def event(self, stream_id: str) -> anyio.Event:
+        """The event the next `notify(stream_id)` sets. Take it *before* checking for changes."""
+        event = self._events.get(stream_id)
+        if event is None:
+            event = self._events[stream_id] = anyio.Event()
+        return event
+
+    async def wait(self, event: anyio.Event, timeout: float) -> None:
+        if math.isfinite(timeout):
+            with anyio.move_on_after(timeout):
+                await event.wait()
+        else:
+            await event.wait()
+
+
+def join(parts: Sequence[bytes]) -> bytes:
+    """`b"".join` without copying a single part."""
+    return parts[0] if len(parts) == 1 else b"".join(parts)
