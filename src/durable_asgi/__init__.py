@@ -1,1 +1,68 @@
-"""durable_asgi: durable, resumable streaming HTTP responses for any ASGI app."""
+"""durable_asgi: durable, resumable streaming HTTP responses for any ASGI app.
+
+Wrap an app (or mark routes) and its streaming responses survive the client leaving: the
+handler runs to its end, every byte is kept in a store, and any later request with the same key
+is served from the store — from any byte offset, then live — without calling the handler again.
+
+Example::
+
+    from fastapi import FastAPI
+    from durable_asgi import DurableMiddleware, keys
+
+    app = FastAPI()
+    app.add_middleware(DurableMiddleware, key=keys.query("chatId"))
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from . import keys
+from ._middleware import DurableMiddleware
+from ._request import DurableRequest
+from .exceptions import (
+    BadRequest,
+    ConfigurationError,
+    DurableError,
+    LeaseLost,
+    RequestTooLarge,
+    StoreError,
+    StoreFull,
+)
+from .keys import Key
+from .stores import Lease, MemoryStore, Store, StreamInfo, store_from_url
+
+if TYPE_CHECKING:
+    from .stores.redis import RedisStore
+    from .stores.sqlite import SQLiteStore
+
+
+def __getattr__(name: str) -> Any:
+    # SQLiteStore and RedisStore need optional extras: import them on first use.
+    if name in ("SQLiteStore", "RedisStore"):
+        from . import stores
+
+        return getattr(stores, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BadRequest",
+    "ConfigurationError",
+    "DurableError",
+    "DurableMiddleware",
+    "DurableRequest",
+    "Key",
+    "Lease",
+    "LeaseLost",
+    "MemoryStore",
+    "RedisStore",
+    "RequestTooLarge",
+    "SQLiteStore",
+    "Store",
+    "StoreError",
+    "StoreFull",
+    "StreamInfo",
+    "keys",
+    "store_from_url",
+]
+
+__version__ = "0.1.0"

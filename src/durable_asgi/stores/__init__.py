@@ -79,7 +79,7 @@ def store_from_url(url: str) -> Store:
     if scheme == "memory":
         return MemoryStore()
     if scheme == "sqlite":
-        # sqlite:///durable.db -> "durable.db"; sqlite:////var/x.db -> "/var/x.db" (SQLAlchemy's form)
+        # SQLAlchemy's form: sqlite:///a.db -> "a.db"; sqlite:////var/a.db -> "/var/a.db"
         rest = url[len("sqlite://") :]
         path = unquote(rest[1:] if rest.startswith("/") else rest)
         if not path:

@@ -203,9 +203,10 @@ def new_token() -> str:
 
 def effective(info: StreamInfo, now: float | None = None) -> StreamInfo:
     """`info` as readers must see it: a running stream whose lease ran out has `failed`."""
-    if info.state == "running" and info.lease_expires_at is not None:
-        if (time.time() if now is None else now) > info.lease_expires_at:
-            return replace(info, state="failed", lease_expires_at=None)
+    expires = info.lease_expires_at
+    now = time.time() if now is None else now
+    if info.state == "running" and expires is not None and now > expires:
+        return replace(info, state="failed", lease_expires_at=None)
     return info
 
 

@@ -260,4 +260,3 @@ class MemoryStore:
         now = time.time()
         for stream in list(self._streams.values()):
             yield effective(stream.info, now)
-

@@ -1,0 +1,438 @@
+"""The engine: runs a producer into the store and serves readers from it.
+
+A *producer* runs the whole downstream app under fake channels: `receive` replays the buffered
+request body and never reports a disconnect before the response is done; `send` tees the
+response into the store and never raises. It runs inside ``CancelScope(shield=True)`` so the
+client leaving (or the server cancelling the request task) never cancels the handler; only
+abort, delete, ``max_duration`` and shutdown do, through the producer's own cancel scope.
+
+Writes go through a small write-behind buffer with group commit: `send` appends to memory and
+returns; a writer task stores everything pending in one `append`. Under load that batches many
+chunks per store write; when idle it adds no delay. The buffer is bounded (the handler waits
+when the store falls behind), so a slow store slows the handler, never memory.
+
+Every client, including the one whose request started the handler, is served by a *reader*
+(`serve_stream`) that reads the store from its offset and waits for more, so a slow client never
+slows the producer, and the first client and a resumer see exactly the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from ._protocol import SSEIds, is_event_stream, replay_headers, send_json, stored_headers
+from ._types import Receive, Scope, Send
+from .stores._base import (
+    FinalState,
+    Headers,
+    Lease,
+    LeaseLost,
+    Store,
+    StoreError,
+    StreamInfo,
+    join,
+)
+
+__all__ = ["Engine", "Producer", "StreamOptions", "serve_stream"]
+
+logger = logging.getLogger("durable_asgi")
+
+#: Bytes per store read when replaying.
+READ_SIZE = 256 * 1024
+#: Pending (unstored) bytes at which the handler's `send` waits for the store.
+HIGH_WATER = 1 << 20
+#: Server-sent-event extension names we hide from the app so it sends plain body bytes.
+_HIDDEN_EXTENSIONS = (
+    "http.response.pathsend",
+    "http.response.zerocopysend",
+    "http.response.trailers",
+)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """The per-request options the engine needs (resolved from middleware + route)."""
+
+    ttl: float
+    max_response_bytes: int
+    max_duration: float | None
+    sse_ids: bool
+    lease_seconds: float
+    poll_interval: float
+
+
+class Producer:
+    """Runs the app once for a claimed stream and tees its response into the store."""
+
+    def __init__(self, engine: Engine, lease: Lease, options: StreamOptions) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.lease = lease
+        self.options = options
+        #: The head as the app sent it (with cookies) — only for the client that started it.
+        self.head: tuple[int, Headers] | None = None
+        self.head_ready = anyio.Event()
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+        self.state: FinalState = "failed"
+        self.reason = ""
+        self._scope = anyio.CancelScope()
+        self._response_complete = anyio.Event()
+        self._pending: list[bytes] = []
+        self._pending_chunks = 0
+        self._pending_size = 0
+        self._pending_head: tuple[int, Headers] | None = None
+        self._total = 0
+        self._wake = anyio.Event()
+        self._drained = anyio.Event()
+        self._closing = False
+        self._lost = False
+        self._writer_done = anyio.Event()
+
+    # -- control ---------------------------------------------------------------------------
+
+    def cancel(self, reason: str) -> None:
+        """Stop the handler (abort, delete, shutdown, max_duration, lease lost)."""
+        if not self.reason:
+            self.reason = reason
+        self._scope.cancel()
+
+    # -- the run -----------------------------------------------------------------------------
+
+    async def run(self, app: Any, scope: Scope, body: bytes) -> None:
+        """Run `app` to its end and record its response. Never raises the app's exception:
+        it is kept in `self.error` for the caller to re-raise where that makes sense."""
+        scope = dict(scope)
+        extensions = dict(scope.get("extensions") or {})
+        for name in _HIDDEN_EXTENSIONS:
+            extensions.pop(name, None)
+        scope["extensions"] = extensions
+        body_sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await self._response_complete.wait()
+            return {"type": "http.disconnect"}
+
+        stream_id = self.lease.stream_id
+        self.engine.producers[stream_id] = self
+        try:
+            with anyio.CancelScope(shield=True):
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(self._write_loop)
+                    tasks.start_soon(self._renew_loop)
+                    await self._run_app(app, scope, receive)
+                    # The writer stores what is pending, then finishes the stream.
+                    self._closing = True
+                    self._wake.set()
+                    await self._writer_done.wait()
+                    tasks.cancel_scope.cancel()
+        finally:
+            if self.engine.producers.get(stream_id) is self:
+                del self.engine.producers[stream_id]
+            self.head_ready.set()
+            self.done.set()
+
+    async def _run_app(self, app: Any, scope: Scope, receive: Any) -> None:
+        deadline = self.options.max_duration
+        if deadline is not None:
+            self._scope.deadline = anyio.current_time() + deadline
+        with self._scope:
+            try:
+                await app(scope, receive, self._send)
+            except Exception as exc:
+                self.error = exc
+                self.reason = self.reason or f"handler raised {type(exc).__name__}"
+        if self._scope.cancelled_caught and not self.reason:
+            self.reason = "max_duration exceeded"
+        if self._lost:
+            self.state = "aborted"
+        elif self.error is None and not self.reason and self._response_complete.is_set():
+            self.state = "complete"
+        else:
+            self.state = "failed"
+            if not self.reason:
+                self.reason = "handler returned without completing its response"
+        self._response_complete.set()
+
+    async def _send(self, message: Any) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.head is not None:
+                return
+            status = int(message["status"])
+            headers = tuple((bytes(k), bytes(v)) for k, v in message.get("headers") or ())
+            self.head = (status, headers)
+            self._pending_head = (status, stored_headers(headers))
+            self.head_ready.set()
+            self._wake.set()
+        elif kind == "http.response.body":
+            if self._response_complete.is_set() or self.head is None or self._writer_done.is_set():
+                return
+            data = message.get("body", b"")
+            if data:
+                self._total += len(data)
+                if self._total > self.options.max_response_bytes:
+                    self.cancel(f"response larger than {self.options.max_response_bytes} bytes")
+                    return
+                self._pending.append(bytes(data))
+                self._pending_chunks += 1
+                self._pending_size += len(data)
+            if not message.get("more_body", False):
+                self._response_complete.set()
+            self._wake.set()
+            if self._pending_size > HIGH_WATER:
+                await self._drained.wait()  # backpressure: the store is behind
+
+    async def _write_loop(self) -> None:
+        store, lease = self.store, self.lease
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                while self._pending_head is not None or self._pending:
+                    if self._pending_head is not None:
+                        status, headers = self._pending_head
+                        self._pending_head = None
+                        await store.start(lease, status, headers)
+                    if self._pending:
+                        data, chunks = join(self._pending), self._pending_chunks
+                        self._pending, self._pending_chunks, self._pending_size = [], 0, 0
+                        await store.append(lease, data, chunks=chunks)
+                    self._drained.set()
+                    self._drained = anyio.Event()
+                if self._closing:
+                    break
+            status = self.head[0] if self.head else 500
+            await store.finish(lease, self.state, ttl=self.options.ttl, retain=200 <= status < 300)
+        except LeaseLost:
+            self._lost = True
+            self.cancel("aborted")
+        except StoreError as exc:
+            logger.error("durable_asgi: store failed for %r: %s", lease.stream_id, exc)
+            self.cancel(f"store error: {exc}")
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(self.options.lease_seconds),
+                contextlib.suppress(StoreError),
+            ):
+                await store.finish(lease, "failed", ttl=self.options.ttl, retain=False)
+        finally:
+            # From here on `_send` drops data, and nothing waits for the store any more.
+            self._writer_done.set()
+            self._drained.set()
+
+    async def _renew_loop(self) -> None:
+        interval = self.options.lease_seconds / 3
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self.store.renew(self.lease, lease_seconds=self.options.lease_seconds)
+            except LeaseLost:
+                self._lost = True
+                self.cancel("aborted")
+                return
+            except StoreError as exc:
+                logger.warning("durable_asgi: renewing %r failed: %s", self.lease.stream_id, exc)
+
+
+class Engine:
+    """Process-wide state shared by all requests of one middleware: the store and the
+    producers running in this process (for immediate in-process abort and for shutdown)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.producers: dict[str, Producer] = {}
+        self._opened = False
+        self._open_lock = anyio.Lock()
+
+    async def ensure_open(self) -> None:
+        if not self._opened:
+            async with self._open_lock:
+                if not self._opened:
+                    await self.store.open()
+                    self._opened = True
+
+    async def close(self) -> None:
+        if self._opened:
+            self._opened = False
+            await self.store.close()
+
+    async def abort(self, stream_id: str, *, ttl: float) -> bool:
+        aborted = await self.store.abort(stream_id, ttl=ttl)
+        producer = self.producers.get(stream_id)
+        if producer is not None:
+            producer._lost = True
+            producer.cancel("aborted")
+        return aborted
+
+    async def delete(self, stream_id: str) -> bool:
+        deleted = await self.store.delete(stream_id)
+        producer = self.producers.get(stream_id)
+        if producer is not None:
+            producer._lost = True
+            producer.cancel("deleted")
+        return deleted
+
+    async def shutdown(self, grace: float) -> None:
+        """Give running producers `grace` seconds to finish, then stop them (they end
+        `failed`, so no reader waits for bytes that will never come)."""
+        with anyio.move_on_after(grace):
+            for producer in list(self.producers.values()):
+                await producer.done.wait()
+        for producer in list(self.producers.values()):
+            producer.cancel("server shutting down")
+        with anyio.move_on_after(max(1.0, grace)):
+            for producer in list(self.producers.values()):
+                await producer.done.wait()
+
+
+class Tail:
+    """The body of one stream from `offset`: stored bytes first, then live ones.
+
+    After iteration, `end` says how the stream ended: ``complete``, ``failed``, ``aborted``
+    or ``gone`` (deleted, or replaced by a new run).
+    """
+
+    def __init__(
+        self, store: Store, stream_id: str, generation: str, offset: int, poll: float
+    ) -> None:
+        self.store = store
+        self.stream_id = stream_id
+        self.generation = generation
+        self.offset = offset
+        self.poll = poll
+        self.end = ""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        store, stream_id, generation = self.store, self.stream_id, self.generation
+        while True:
+            info, data = await store.read(stream_id, self.offset, READ_SIZE)
+            if info is None or info.generation != generation:
+                self.end = "gone"
+                return
+            if data:
+                self.offset += len(data)
+                yield data
+            elif info.finished:
+                self.end = info.state
+                return
+            else:
+                await store.wait(info, self.poll)
+
+
+async def wait_for_head(store: Store, info: StreamInfo, poll: float) -> StreamInfo | None:
+    """Wait until the stream's response head is stored (or it ended without one)."""
+    while info.status_code is None and not info.finished:
+        await store.wait(info, poll)
+        latest = await store.info(info.id)
+        if latest is None or latest.generation != info.generation:
+            return None
+        info = latest
+    return info
+
+
+async def serve_stream(
+    store: Store,
+    stream: StreamInfo | Producer,
+    offset: int,
+    options: StreamOptions,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Serve one client from the store: head, body from `offset`, then end as the stream did.
+
+    `stream` is the `Producer` for the client whose request started the handler: it gets the
+    head as the app sent it (cookies included) and no ``Durable-Replay``. Anyone else passes the
+    stream's `StreamInfo`.
+    """
+    total: int | None = None
+    if isinstance(stream, Producer):
+        await stream.head_ready.wait()
+        if stream.head is None:
+            return  # the app failed before responding: the caller re-raises its error
+        stream_id, generation = stream.lease.stream_id, stream.lease.token
+        status, headers = stream.head
+        state = "running"
+    else:
+        info = await wait_for_head(store, stream, options.poll_interval)
+        if info is None or info.status_code is None:
+            await send_json(
+                send,
+                502,
+                {"error": "the stream ended before its handler responded", "state": "failed"},
+                [(b"durable-state", b"failed")],
+            )
+            return
+        stream_id, generation = info.id, info.generation
+        status, headers, state = info.status_code, info.headers or (), info.state
+        if info.finished:
+            total = info.offset
+            if offset > total:
+                await send_json(
+                    send,
+                    416,
+                    {"error": f"offset {offset} is past the end of the stream ({total} bytes)"},
+                    [(b"durable-state", state.encode()), (b"content-range", b"bytes */%d" % total)],
+                )
+                return
+
+    sse = options.sse_ids and is_event_stream(headers)
+    out_headers = replay_headers(
+        headers,
+        offset=offset,
+        state=state,
+        replay=not isinstance(stream, Producer),
+        total=total,
+        rewrite_body=sse,
+    )
+    tail = Tail(store, stream_id, generation, offset, options.poll_interval)
+    await store.attach(stream_id, +1)
+    try:
+        await _pump(tail, status, out_headers, SSEIds(offset) if sse else None, receive, send)
+    finally:
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(StoreError):
+                await store.attach(stream_id, -1)
+
+
+async def _pump(
+    tail: Tail,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    ids: SSEIds | None,
+    receive: Receive,
+    send: Send,
+) -> None:
+    async def watch_disconnect(scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch_disconnect, tasks.cancel_scope)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            async for data in tail:
+                if ids is not None:
+                    data = ids.feed(data)
+                    if not data:
+                        continue
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            if tail.end == "complete":
+                last = ids.flush() if ids is not None else b""
+                await send({"type": "http.response.body", "body": last, "more_body": False})
+            # Otherwise end without completing the body: the server closes the connection,
+            # so the client sees a truncated response, never a clean end.
+            tasks.cancel_scope.cancel()
+    except OSError:
+        pass  # ASGI 2.4+ servers raise OSError on send after the client left.

@@ -1,0 +1,365 @@
+"""`DurableMiddleware`: the pure-ASGI middleware.
+
+The middleware object holds configuration and the process-wide `Engine` only; each request is
+handled by `_Exchange`, which owns all per-request state (Starlette's GZip "responder" pattern).
+Requests that aren't durable — other scope types, methods not listed, no key — go straight to the
+app with nothing added but a dictionary lookup or two.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any, Literal
+
+import anyio
+from asgiref.compatibility import guarantee_single_callable
+
+from . import keys
+from ._engine import Engine, Producer, StreamOptions, serve_stream
+from ._protocol import Control, parse_control, parse_offset, send_json
+from ._request import DurableRequest
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .exceptions import BadRequest, ClientDisconnected
+from .stores import Store, default_store
+from .stores._base import Lease, StoreError, StoreFull, StreamInfo, is_claimable, stream_id
+
+__all__ = ["DurableMiddleware"]
+
+logger = logging.getLogger("durable_asgi")
+
+SCOPE_KEY = "durable_asgi"
+"""``scope["durable_asgi"]`` is the middleware, for endpoints that want its control API."""
+
+
+@dataclass(eq=False)
+class DurableMiddleware:
+    """Make streaming responses durable and resumable.
+
+    The first request for a key runs the app; its response is teed into `store` while it
+    streams, and the app keeps running if the client leaves. Later requests with the same key are
+    served from the store — from ``Durable-Offset`` if given, then live — without calling the
+    app again.
+
+    Example (FastAPI / Starlette)::
+
+        app.add_middleware(DurableMiddleware, store=SQLiteStore("durable.db"),
+                           key=keys.query("chatId"))
+
+    Example (Django ``asgi.py``)::
+
+        application = DurableMiddleware(get_asgi_application(), key=keys.header("Durable-Key"))
+
+    Args:
+        app: the ASGI app to wrap.
+        store: where streams live. Default: the URL in ``$DURABLE_ASGI_STORE``, else a
+            `MemoryStore`.
+        key: the key extractor (see `durable_asgi.keys`). A request whose key is None passes
+            straight through. Default: the ``Durable-Key`` header.
+        ttl: seconds a finished stream is kept (default 6 hours).
+        methods: HTTP methods that may be durable. ``HEAD``/``OPTIONS`` never are.
+        max_request_body: bytes of request body buffered (it is replayed to the app); larger
+            durable requests get 413 and nothing is stored.
+        max_response_bytes: a response growing past this ends ``failed`` (its handler is
+            cancelled).
+        owner: an extractor of the caller's identity (e.g. ``keys.cookie("session")``). When
+            set, a stream is visible only to the owner that started it; others get 404, as if it
+            didn't exist. A request whose owner is None shares the anonymous space.
+        routes: ``"all"`` (every request with a key) or ``"decorated"`` (only routes marked with
+            `@durable`).
+        namespace: the stream namespace for all requests (default: each request's path). Set it
+            to let different URLs share streams (``GET /chat/{id}/stream`` resuming a
+            ``POST /chat``) and to use the Python control API with bare keys.
+        sse_ids: add ``id: <offset>`` to relayed ``text/event-stream`` events so a browser
+            ``EventSource`` resumes by itself with ``Last-Event-ID``.
+        max_duration: seconds a handler may run before it is cancelled (stream ends ``failed``).
+        lease_seconds: how long a producer's lease lasts without renewal; a producer whose
+            process died is detected within about this time.
+        poll_interval: the longest a reader waits before re-checking a stream (it is woken
+            sooner whenever the store can tell it about changes).
+        shutdown_grace: on server shutdown, seconds running handlers get to finish before they
+            are stopped (their streams end ``failed``).
+    """
+
+    app: ASGIApp
+    _: KW_ONLY
+    store: Store | None = None
+    key: keys.Extractor = field(default_factory=lambda: keys.header("Durable-Key"))
+    ttl: float = 6 * 3600
+    methods: Sequence[str] = ("GET", "POST")
+    max_request_body: int = 1 << 20
+    max_response_bytes: int = 100 << 20
+    owner: keys.Extractor | None = None
+    routes: Literal["all", "decorated"] = "all"
+    namespace: str | None = None
+    sse_ids: bool = False
+    max_duration: float | None = None
+    lease_seconds: float = 5.0
+    poll_interval: float = 1.0
+    shutdown_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.routes not in ("all", "decorated"):
+            raise ValueError(f"routes must be 'all' or 'decorated', not {self.routes!r}")
+        for name in ("ttl", "lease_seconds", "poll_interval", "shutdown_grace"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.max_request_body < 0 or self.max_response_bytes < 0:
+            raise ValueError("max_request_body and max_response_bytes must not be negative")
+        self.app = guarantee_single_callable(self.app)  # type: ignore[no-untyped-call]
+        if self.store is None:
+            self.store = default_store()
+        self.engine = Engine(self.store)
+        self._methods = frozenset(m.upper() for m in self.methods) - {"HEAD", "OPTIONS"}
+        self.options = StreamOptions(
+            ttl=self.ttl,
+            max_response_bytes=self.max_response_bytes,
+            max_duration=self.max_duration,
+            sse_ids=self.sse_ids,
+            lease_seconds=self.lease_seconds,
+            poll_interval=self.poll_interval,
+        )
+        self._routes: Callable[[Scope], Any] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            scope[SCOPE_KEY] = self
+            if scope["method"] in self._methods:
+                await _Exchange(self, scope, receive, send).run()
+                return
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    # -- Python control API --------------------------------------------------------------------
+
+    def _stream_id(self, key: str, namespace: str | None, owner: str | None) -> str:
+        namespace = namespace if namespace is not None else self.namespace
+        if namespace is None:
+            raise TypeError(
+                "pass namespace= (the request path by default, e.g. '/api/chat'), or configure "
+                "DurableMiddleware(namespace=...) so bare keys name streams"
+            )
+        return stream_id(namespace, key, owner)
+
+    async def status(
+        self, key: str, *, namespace: str | None = None, owner: str | None = None
+    ) -> dict[str, Any] | None:
+        """The stream's status as the ``Durable-Control: status`` request returns it, or None.
+
+        Example: ``await durable.status("chat-42", namespace="/api/chat")``
+        """
+        await self.engine.ensure_open()
+        info = await self.store_checked.info(self._stream_id(key, namespace, owner))
+        return None if info is None else status_payload(key, info)
+
+    async def abort(
+        self, key: str, *, namespace: str | None = None, owner: str | None = None
+    ) -> bool:
+        """Stop the stream's handler; bytes so far stay readable. True if it was running."""
+        await self.engine.ensure_open()
+        return await self.engine.abort(self._stream_id(key, namespace, owner), ttl=self.ttl)
+
+    async def delete(
+        self, key: str, *, namespace: str | None = None, owner: str | None = None
+    ) -> bool:
+        """Abort the stream if running and remove its data. True if it existed."""
+        await self.engine.ensure_open()
+        return await self.engine.delete(self._stream_id(key, namespace, owner))
+
+    @property
+    def store_checked(self) -> Store:
+        assert self.store is not None
+        return self.store
+
+    # -- lifespan ------------------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Open the store at startup; at shutdown stop producers (after `shutdown_grace`) and
+        close it. Apps without lifespan support (Django raises on it) are not forwarded to."""
+        app_received = False
+
+        async def app_receive() -> Message:
+            nonlocal app_received
+            app_received = True
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.engine.ensure_open()
+            elif message["type"] == "lifespan.shutdown":
+                await self._shutdown()
+            return message
+
+        try:
+            await self.app(scope, app_receive, send)
+        except Exception:
+            if app_received:
+                raise
+        else:
+            return
+        # The app doesn't speak lifespan: speak it for the store.
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.engine.ensure_open()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _shutdown(self) -> None:
+        await self.engine.shutdown(self.shutdown_grace)
+        await self.engine.close()
+
+
+def status_payload(key: str, info: StreamInfo) -> dict[str, Any]:
+    """The JSON body of a status answer."""
+    return {
+        "key": key,
+        "state": info.state,
+        "in_progress": info.in_progress,
+        "offset": info.offset,
+        "chunks": info.chunks,
+        "readers": info.readers,
+        "status_code": info.status_code,
+        "created_at": info.created_at,
+        "updated_at": info.updated_at,
+        "expires_at": info.expires_at,
+    }
+
+
+class _Exchange:
+    """One durable-candidate request: extract its key, then produce, follow or control."""
+
+    def __init__(self, middleware: DurableMiddleware, scope: Scope, receive: Receive, send: Send):
+        self.middleware = middleware
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+
+    async def run(self) -> None:
+        mw = self.middleware
+        request = DurableRequest(self.scope, self.receive, mw.max_request_body)
+        try:
+            key = await keys.resolve(mw.key, request)
+            if key is None:
+                await self._pass_through(request)
+                return
+            if not key:
+                raise BadRequest("the durable key is empty")
+            control = parse_control(self.scope["headers"])
+            offset = parse_offset(self.scope["headers"], sse_ids=mw.sse_ids)
+            body = await request.body()
+            owner = None if mw.owner is None else await keys.resolve(mw.owner, request)
+        except BadRequest as exc:
+            await send_json(self.send, exc.status_code, {"error": exc.detail})
+            return
+        except ClientDisconnected:
+            return
+
+        namespace = key.namespace if isinstance(key, keys.Key) else None
+        if namespace is None:
+            namespace = mw.namespace if mw.namespace is not None else self.scope["path"]
+        self.key = str(key)
+        self.stream_id = stream_id(namespace, self.key, owner)
+        try:
+            await mw.engine.ensure_open()
+            if control is not None:
+                await self._control(control)
+            else:
+                await self._stream(offset, body)
+        except StoreFull as exc:
+            await send_json(self.send, 503, {"error": str(exc)}, [(b"retry-after", b"5")])
+        except StoreError as exc:
+            logger.error("durable_asgi: store unavailable: %s", exc)
+            await send_json(self.send, 503, {"error": "durable store unavailable"})
+
+    async def _pass_through(self, request: DurableRequest) -> None:
+        receive = self.receive
+        if request.body_consumed:
+            # The extractor read the body: hand it to the app again, then the real channel.
+            body = await request.body()
+            sent = False
+
+            async def replay() -> Message:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await self.receive()
+
+            receive = replay
+        await self.middleware.app(self.scope, receive, self.send)
+
+    async def _stream(self, offset: int, body: bytes) -> None:
+        mw = self.middleware
+        store, options = mw.engine.store, mw.options
+        if offset > 0:
+            # A resume never starts a handler: there must be a stream to resume.
+            info = await store.info(self.stream_id)
+            if info is None or is_claimable(info):
+                state = "absent" if info is None else info.state
+                await send_json(
+                    self.send,
+                    416,
+                    {"error": f"no stream to resume from offset {offset}", "state": state},
+                    [(b"durable-state", state.encode())],
+                )
+                return
+            await serve_stream(store, info, offset, options, self.receive, self.send)
+            return
+
+        claimed = await store.claim(self.stream_id, lease_seconds=options.lease_seconds)
+        if not isinstance(claimed, Lease):
+            await serve_stream(store, claimed, 0, options, self.receive, self.send)
+            return
+
+        producer = Producer(mw.engine, claimed, options)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._serve_first, producer)
+            await producer.run(mw.app, self.scope, body)
+        if producer.error is not None:
+            # Surface the handler's exception as the app alone would have (error pages, logs).
+            raise producer.error
+
+    async def _serve_first(self, producer: Producer) -> None:
+        try:
+            await serve_stream(
+                self.middleware.engine.store,
+                producer,
+                0,
+                self.middleware.options,
+                self.receive,
+                self.send,
+            )
+        except StoreError as exc:
+            logger.error("durable_asgi: store failed while serving %r: %s", self.stream_id, exc)
+
+    async def _control(self, control: Control) -> None:
+        mw = self.middleware
+        if control == "status":
+            info = await mw.engine.store.info(self.stream_id)
+            if info is None:
+                await send_json(
+                    self.send, 404, {"state": "absent"}, [(b"durable-state", b"absent")]
+                )
+            else:
+                await send_json(
+                    self.send,
+                    200,
+                    status_payload(self.key, info),
+                    [(b"durable-state", info.state.encode())],
+                )
+        elif control == "abort":
+            await mw.engine.abort(self.stream_id, ttl=mw.ttl)
+            await send_json(self.send, 204, None)
+        else:
+            await mw.engine.delete(self.stream_id)
+            await send_json(self.send, 204, None)
