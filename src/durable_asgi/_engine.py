@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ._protocol import SSEIds, is_event_stream, replay_headers, send_json, stored_headers
 from ._types import Receive, Scope, Send
@@ -183,6 +184,7 @@ class Producer:
                 self._total += len(data)
                 if self._total > self.options.max_response_bytes:
                     self.cancel(f"response larger than {self.options.max_response_bytes} bytes")
+                    await anyio.lowlevel.checkpoint()  # deliver the cancellation to the app now
                     return
                 self._pending.append(bytes(data))
                 self._pending_chunks += 1
