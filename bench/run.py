@@ -200,9 +200,8 @@ def main() -> None:
     bare_stream = statistics.median(stream["bare"])
     bare_small = statistics.median(small["bare"])
     print()
-    print(
-        f"{'variant':<10} {'stream chunks/s':>16} {'x bare':>7} {'pass-through req/s':>19} {'overhead':>9}"
-    )
+    columns = ("variant", "stream chunks/s", "x bare", "pass-through req/s", "overhead")
+    print(f"{columns[0]:<10} {columns[1]:>16} {columns[2]:>7} {columns[3]:>19} {columns[4]:>9}")
     for name in variants:
         s, r = statistics.median(stream[name]), statistics.median(small[name])
         overhead = (bare_small - r) / bare_small * 100

@@ -40,15 +40,17 @@ async def openai_tokens(message: str) -> AsyncIterator[str]:  # pragma: no cover
         "messages": [{"role": "user", "content": message}],
     }
     headers = {"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"}
-    async with httpx.AsyncClient(timeout=None) as client:
-        async with client.stream("POST", url, json=payload, headers=headers) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
-                if delta:
-                    yield delta
+    async with (
+        httpx.AsyncClient(timeout=None) as client,
+        client.stream("POST", url, json=payload, headers=headers) as response,
+    ):
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+            if delta:
+                yield delta
 
 
 def tokens(message: str) -> AsyncIterator[str]:
