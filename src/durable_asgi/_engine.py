@@ -394,7 +394,8 @@ async def serve_stream(
         offset=offset,
         state=state,
         replay=not isinstance(stream, Producer),
-        total=total,
+        # Only a complete stream's length is the body's: a truncated one must not look whole.
+        total=total if state == "complete" else None,
         rewrite_body=sse,
     )
     tail = Tail(store, stream_id, generation, offset, options.poll_interval)
