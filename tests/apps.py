@@ -68,7 +68,9 @@ class StreamApp:
             for i, chunk in enumerate(self.chunks):
                 if i == self.pause_at:
                     self.paused.set()
-                    await anyio.to_thread.run_sync(self.release.wait, abandon_on_cancel=True)
+                    # Bounded waits, so a cancelled app leaves no thread blocked forever.
+                    while not await anyio.to_thread.run_sync(self.release.wait, 0.05):
+                        pass
                 if i == self.fail_at:
                     raise RuntimeError("boom")
                 if self.delay:

@@ -155,7 +155,7 @@ class Producer:
                 self.reason = self.reason or f"handler raised {type(exc).__name__}"
         if self._scope.cancelled_caught and not self.reason:
             self.reason = "max_duration exceeded"
-        if self._lost:
+        if self._lost or self.reason == "aborted":
             self.state = "aborted"
         elif self.error is None and not self.reason and self._response_complete.is_set():
             self.state = "complete"
@@ -270,12 +270,16 @@ class Engine:
             await self.store.close()
 
     async def abort(self, stream_id: str, *, ttl: float) -> bool:
-        aborted = await self.store.abort(stream_id, ttl=ttl)
         producer = self.producers.get(stream_id)
-        if producer is not None:
-            producer._lost = True
-            producer.cancel("aborted")
-        return aborted
+        if producer is None:
+            # Running elsewhere (or not at all): its producer sees the revoked lease.
+            return await self.store.abort(stream_id, ttl=ttl)
+        # Running here: stop the handler, and let its writer store what it already sent before
+        # it finishes the stream as `aborted`.
+        producer.cancel("aborted")
+        with anyio.move_on_after(producer.options.lease_seconds):
+            await producer.done.wait()
+        return True
 
     async def delete(self, stream_id: str) -> bool:
         deleted = await self.store.delete(stream_id)

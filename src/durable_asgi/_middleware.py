@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -80,6 +81,9 @@ class DurableMiddleware:
             sooner whenever the store can tell it about changes).
         shutdown_grace: on server shutdown, seconds running handlers get to finish before they
             are stopped (their streams end ``failed``).
+        client_path: where the middleware serves the browser client
+            (``<client_path>durable-fetch.js`` and its ``.d.ts``), so
+            ``<script type="module">`` works with no build step. None turns it off.
     """
 
     app: ASGIApp
@@ -98,6 +102,7 @@ class DurableMiddleware:
     lease_seconds: float = 5.0
     poll_interval: float = 1.0
     shutdown_grace: float = 10.0
+    client_path: str | None = "/_durable/"
 
     def __post_init__(self) -> None:
         if self.routes not in ("all", "decorated"):
@@ -126,6 +131,14 @@ class DurableMiddleware:
         kind = scope["type"]
         if kind == "http":
             scope[SCOPE_KEY] = self
+            path = scope["path"]
+            client = self.client_path
+            if (
+                client
+                and path.startswith(client)
+                and await serve_asset(path[len(client) :], scope, send)
+            ):
+                return
             if scope["method"] in self._methods:
                 await _Exchange(self, scope, receive, send).run()
                 return
@@ -217,6 +230,29 @@ class DurableMiddleware:
     async def _shutdown(self) -> None:
         await self.engine.shutdown(self.shutdown_grace)
         await self.engine.close()
+
+
+_STATIC = Path(__file__).parent / "static"
+_ASSETS = {
+    "durable-fetch.js": "text/javascript; charset=utf-8",
+    "durable-fetch.d.ts": "application/typescript; charset=utf-8",
+}
+
+
+async def serve_asset(name: str, scope: Scope, send: Send) -> bool:
+    """Serve one of the bundled browser-client files; False when `name` is not one."""
+    content_type = _ASSETS.get(name)
+    if content_type is None or scope["method"] not in ("GET", "HEAD"):
+        return False
+    body = await anyio.Path(_STATIC / name).read_bytes()
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", b"%d" % len(body)),
+        (b"cache-control", b"public, max-age=3600"),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+    return True
 
 
 def status_payload(key: str, info: StreamInfo) -> dict[str, Any]:

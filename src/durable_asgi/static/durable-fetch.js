@@ -1,0 +1,1 @@
+// placeholder: the browser client lands with issue 5
