@@ -1,0 +1,225 @@
+"""Fixtures that give a test a fresh store of every backend (memory, SQLite, Redis).
+
+Import them into a test module (``from .stores_fixtures import anyio_backend, backend, ...``).
+`backend` is parametrized over (store kind, async library) pairs; `anyio_backend` follows it, so
+each store only runs on the event loops its client library supports: aiosqlite and redis-py's
+asyncio client are asyncio-only, the memory store runs on asyncio and trio.
+
+Redis: ``$REDIS_URL`` when set, else a private ``redis-server`` started on a free loopback port
+for the session. Each test gets its own database (private server) and key prefix, and everything
+it wrote is deleted afterwards. With neither available the Redis cases skip, except under CI
+(``CI=true``), where they fail: CI must run every store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from durable_asgi.stores import MemoryStore, Store, stream_id
+
+__all__ = ["StoreFactory", "anyio_backend", "backend", "ids", "redis_url", "store", "stores"]
+
+#: (store kind, async library) pairs every conformance test runs on.
+BACKENDS = [
+    pytest.param(("memory", "asyncio"), id="memory-asyncio"),
+    pytest.param(("memory", "trio"), id="memory-trio"),
+    pytest.param(("sqlite", "asyncio"), id="sqlite-asyncio"),
+    pytest.param(("redis", "asyncio"), id="redis-asyncio", marks=pytest.mark.redis),
+]
+
+#: Databases of the private redis-server: one per test, flushed after it.
+_REDIS_DATABASES = 256
+_redis_db = itertools.count(1)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    kind, library = request.param
+    return str(kind), str(library)
+
+
+@pytest.fixture
+def anyio_backend(backend: tuple[str, str]) -> str:
+    return backend[1]
+
+
+class Ids:
+    """Fresh stream ids for one test, remembered so the test's data can be deleted after it."""
+
+    def __init__(self) -> None:
+        self.namespace = f"/t{uuid.uuid4().hex[:12]}"
+        self.made: list[str] = []
+
+    def __call__(self, key: str = "", *, owner: str | None = None) -> str:
+        sid = stream_id(self.namespace, key or uuid.uuid4().hex[:8], owner)
+        self.made.append(sid)
+        return sid
+
+
+@pytest.fixture
+def ids() -> Ids:
+    return Ids()
+
+
+@dataclass
+class StoreFactory:
+    """Makes store instances of one backend that all see the same data (`shared`) — except
+    memory stores, which each hold their own. Closes every store it made at teardown."""
+
+    kind: str
+    make: Any
+    shared: bool
+    made: list[Store] = field(default_factory=list)
+
+    async def new(self, *, opened: bool = True, **options: Any) -> Store:
+        store: Store = self.make(**options)
+        self.made.append(store)
+        if opened:
+            await store.open()
+        return store
+
+    async def close_all(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for store in reversed(self.made):
+                await store.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis server for the session: ``$REDIS_URL``, else a private ``redis-server``."""
+    url = os.environ.get("REDIS_URL", "").strip()
+    if url:
+        yield url
+        return
+    binary = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+    if binary is None:
+        reason = "no Redis: set REDIS_URL or install redis-server"
+        if _in_ci():
+            pytest.fail(f"{reason} (CI is set: every store must be tested)")
+        pytest.skip(reason)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--databases",
+            str(_REDIS_DATABASES),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # wait for it to listen (time-based: a process starting up)
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _redis_factory(request: pytest.FixtureRequest, ids: Ids) -> tuple[Any, Any]:
+    """A maker of RedisStores on an isolated key space, and a function that empties it."""
+    try:
+        from durable_asgi.stores.redis import RedisStore
+    except ImportError as exc:
+        pytest.skip(f"RedisStore not importable ({exc})")
+    import redis
+
+    url = request.getfixturevalue("redis_url")
+    private = not os.environ.get("REDIS_URL", "").strip()
+    if private:  # our own server: a database of its own per test
+        url = f"{url}/{next(_redis_db) % (_REDIS_DATABASES - 1) + 1}"
+    prefix = f"durable-test:{ids.namespace[2:]}"
+    options: dict[str, Any] = {}
+    parameters = inspect.signature(RedisStore).parameters
+    for name in ("prefix", "key_prefix", "namespace"):
+        if name in parameters:
+            options[name] = prefix
+            break
+
+    def make(**extra: Any) -> Any:
+        return RedisStore(url, **options, **extra)
+
+    def clean() -> None:
+        client = redis.Redis.from_url(url)
+        try:
+            if private:
+                client.flushdb()
+            elif options:
+                for key in client.scan_iter(match=f"*{prefix}*", count=1000):
+                    client.delete(key)
+        finally:
+            client.close()
+
+    return make, clean
+
+
+@pytest.fixture
+async def stores(
+    backend: tuple[str, str], tmp_path: Path, ids: Ids, request: pytest.FixtureRequest
+) -> AsyncIterator[StoreFactory]:
+    kind = backend[0]
+    clean = None
+    if kind == "memory":
+        factory = StoreFactory(kind, MemoryStore, shared=False)
+    elif kind == "sqlite":
+        from durable_asgi.stores.sqlite import SQLiteStore
+
+        path = tmp_path / "durable.db"
+        factory = StoreFactory(kind, lambda **o: SQLiteStore(path, **o), shared=True)
+    else:
+        make, clean = _redis_factory(request, ids)
+        factory = StoreFactory(kind, make, shared=True)
+    try:
+        yield factory
+    finally:
+        with anyio.CancelScope(shield=True):
+            if clean is not None and factory.made:
+                # Through the API first (works on any server), then whatever keys are left.
+                with contextlib.suppress(Exception):
+                    for sid in ids.made:
+                        await factory.made[0].delete(sid)
+            await factory.close_all()
+            if clean is not None:
+                clean()
+
+
+@pytest.fixture
+async def store(stores: StoreFactory) -> Store:
+    """An open store of the test's backend (closed by `stores` at teardown)."""
+    return await stores.new()
