@@ -1,0 +1,629 @@
+"""RedisStore against a real redis-server: the Redis-specific parts the conformance suite
+doesn't reach (several processes' instances, restarts, key layout, retries)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import pytest
+
+pytest.importorskip("redis")
+
+from redis.asyncio import Redis
+
+from durable_asgi.exceptions import ConfigurationError
+from durable_asgi.stores import Lease, LeaseLost, StoreError, StreamInfo
+from durable_asgi.stores.redis import RedisStore
+
+pytestmark = pytest.mark.redis
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = random.randrange(20000, 50000)
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class Server:
+    """A throw-away redis-server on a free loopback port (restartable, no persistence)."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []
+        self.cwd = tempfile.gettempdir()
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None
+        self.proc = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            cwd=self.cwd,
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    if REDIS_SERVER is None:
+        pytest.skip("needs redis-server")
+    srv = Server()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def store(server: Server) -> AsyncIterator[RedisStore]:
+    client = Redis.from_url(server.url)
+    await client.flushdb()
+    await client.aclose()
+    s = RedisStore(server.url, block_seconds=0.5)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def claimed(store: RedisStore, sid: str = "/chat#1", lease_seconds: float = 5) -> Lease:
+    lease = await store.claim(sid, lease_seconds=lease_seconds)
+    assert isinstance(lease, Lease)
+    return lease
+
+
+@pytest.mark.anyio
+async def test_life_of_a_stream(store: RedisStore) -> None:
+    lease = await claimed(store)
+    await store.start(lease, 200, ((b"content-type", b"text/plain"), (b"x", b"\x00\xff")))
+    await store.append(lease, b"hello ", chunks=1)
+    await store.append(lease, b"world", chunks=2)
+    info, data = await store.read("/chat#1", 0, 1 << 16)
+    assert data == b"hello world"
+    assert info is not None
+    assert info.state == "running"
+    assert (info.offset, info.chunks, info.status_code) == (11, 3, 200)
+    assert info.headers == ((b"content-type", b"text/plain"), (b"x", b"\x00\xff"))
+    assert info.lease_expires_at is not None
+    assert abs(info.lease_expires_at - time.time() - 5) < 1
+    await store.finish(lease, "complete", ttl=60, retain=True)
+    info = await store.info("/chat#1")
+    assert info is not None
+    assert info.state == "complete"
+    assert info.expires_at is not None
+    assert info.lease_expires_at is None
+    assert abs(info.expires_at - time.time() - 60) < 1
+    assert isinstance(await store.claim("/chat#1", lease_seconds=5), StreamInfo)
+    _, data = await store.read("/chat#1", 6, 3)
+    assert data == b"wor"
+    assert (await store.read("/chat#1", 11, 10))[1] == b""
+    assert (await store.read("/chat#1", 50, 10))[1] == b""
+    assert (await store.read("/chat#1", 0, 0))[1] == b""
+    assert await store.read("/nope#1", 0, 10) == (None, b"")
+
+
+@pytest.mark.anyio
+async def test_fifty_concurrent_claims_one_lease(server: Server, store: RedisStore) -> None:
+    others = [RedisStore(server.url) for _ in range(4)]
+    stores = [store, *others]
+    results: list[Lease | StreamInfo] = []
+
+    async def one(i: int) -> None:
+        results.append(await stores[i % 5].claim("/race#1", lease_seconds=5))
+
+    async with anyio.create_task_group() as tasks:
+        for i in range(50):
+            tasks.start_soon(one, i)
+    leases = [r for r in results if isinstance(r, Lease)]
+    assert len(leases) == 1
+    assert all(r.generation == leases[0].token for r in results if isinstance(r, StreamInfo))
+    for s in others:
+        await s.close()
+
+
+@pytest.mark.anyio
+async def test_ten_megabytes_byte_for_byte(store: RedisStore) -> None:
+    body = os.urandom(10 << 20)
+    lease = await claimed(store, "/big#1")
+    await store.start(lease, 200, ())
+    sizes = [1, 7, 100, 4096, 65536, 1 << 20, 3 << 20]
+    i = n = 0
+    while i < len(body):
+        piece = body[i : i + sizes[n % len(sizes)]]
+        await store.append(lease, piece, chunks=1)
+        i += len(piece)
+        n += 1
+    await store.finish(lease, "complete", ttl=60, retain=True)
+    for offset in (0, 1, 8, 4200, 12345, (5 << 20) + 3, len(body) - 1, len(body)):
+        info, data = await store.read("/big#1", offset, 1 << 30)
+        assert info is not None
+        assert info.offset == len(body)
+        assert data == body[offset:], offset
+    for offset, limit in ((3, 5), (100, 70000), ((1 << 20) + 5, 5 << 20), (0, 256 << 10)):
+        _, data = await store.read("/big#1", offset, limit)
+        assert data == body[offset : offset + limit]
+
+
+@pytest.mark.anyio
+async def test_other_process_wakes_promptly(server: Server, store: RedisStore) -> None:
+    other = RedisStore(server.url, block_seconds=0.5)  # "another process": its own client
+    lease = await claimed(store, "/wake#1")
+    info = await other.info("/wake#1")
+    assert info is not None
+
+    async def timed_wait(info: StreamInfo) -> float:
+        t0 = time.perf_counter()
+        await other.wait(info, 5)
+        return time.perf_counter() - t0
+
+    for change in ("start", "append", "finish"):
+        async with anyio.create_task_group() as tasks:
+            took: list[float] = []
+
+            async def waiter(info: StreamInfo = info, took: list[float] = took) -> None:
+                took.append(await timed_wait(info))
+
+            tasks.start_soon(waiter)
+            await anyio.sleep(0.2)  # the waiter is blocked (its tail has synced)
+            if change == "start":
+                await store.start(lease, 200, ())
+            elif change == "append":
+                await store.append(lease, b"x", chunks=1)
+            else:
+                await store.finish(lease, "complete", ttl=60, retain=True)
+        assert took[0] < 0.45, (change, took)
+        latest = await other.info("/wake#1")
+        assert latest is not None
+        assert latest.version != info.version
+        info = latest
+    # already changed -> returns at once even on a fresh instance
+    third = RedisStore(server.url)
+    t0 = time.perf_counter()
+    stale = StreamInfo(**{**info.__dict__, "version": info.version - 1})
+    await third.wait(stale, 5)
+    assert time.perf_counter() - t0 < 0.2
+    # nothing changed -> waits the timeout
+    t0 = time.perf_counter()
+    await other.wait(info, 0.3)
+    assert 0.25 < time.perf_counter() - t0 < 1
+    await other.close()
+    await third.close()
+
+
+@pytest.mark.anyio
+async def test_abort_and_delete_wake_other_process(server: Server, store: RedisStore) -> None:
+    other = RedisStore(server.url, block_seconds=0.5)
+    reader = RedisStore(server.url, block_seconds=0.5)
+    for op in ("abort", "delete"):
+        sid = f"/{op}#1"
+        lease = await claimed(store, sid)
+        info = await store.info(sid)
+        assert info is not None
+        async with anyio.create_task_group() as tasks:
+            took: dict[str, float] = {}
+
+            async def waiter(
+                name: str, s: RedisStore, info: StreamInfo, took: dict[str, float] = took
+            ) -> None:
+                t0 = time.perf_counter()
+                await s.wait(info, 5)
+                took[name] = time.perf_counter() - t0
+
+            tasks.start_soon(waiter, "reader", reader, info)
+            tasks.start_soon(waiter, "producer", store, info)
+            await anyio.sleep(0.2)
+            if op == "abort":
+                assert await other.abort(sid, ttl=60) is True
+                assert await other.abort(sid, ttl=60) is False
+            else:
+                assert await other.delete(sid) is True
+                assert await other.delete(sid) is False
+            await anyio.sleep(0.45)
+            assert "reader" in took  # its tail saw the change
+            assert "producer" not in took  # the producer's process learns at its next write
+            with pytest.raises(LeaseLost):
+                await store.append(lease, b"x", chunks=1)
+        assert took["reader"] < 0.45
+        assert took["producer"] < 0.7
+        with pytest.raises(LeaseLost):
+            await store.renew(lease, lease_seconds=5)
+        with pytest.raises(LeaseLost):
+            await store.finish(lease, "complete", ttl=5, retain=True)
+        latest = await store.info(sid)
+        if op == "abort":
+            assert latest is not None
+            assert latest.state == "aborted"
+        else:
+            assert latest is None
+    await other.close()
+    await reader.close()
+
+
+@pytest.mark.anyio
+async def test_same_process_wake_needs_no_round_trip(store: RedisStore) -> None:
+    lease = await claimed(store, "/local#1")
+    info = await store.info("/local#1")
+    assert info is not None
+    await store.wait(info, 0.01)
+    assert not store._tails  # the producer's own process needs no tail
+    woke = anyio.Event()
+
+    async def waiter() -> None:
+        await store.wait(info, 5)
+        woke.set()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(waiter)
+        await anyio.sleep(0.05)
+        await store.append(lease, b"x", chunks=1)
+        # set synchronously by the writer, before any XREAD reply could arrive
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert woke.is_set()
+
+
+@pytest.mark.anyio
+async def test_lease_expiry_fails_the_stream(store: RedisStore) -> None:
+    lease = await claimed(store, "/dead#1", lease_seconds=0.2)
+    await store.start(lease, 200, ())
+    await store.append(lease, b"partial", chunks=1)
+    await anyio.sleep(0.3)
+    info = await store.info("/dead#1")
+    assert info is not None
+    assert info.state == "failed"
+    info, data = await store.read("/dead#1", 0, 100)
+    assert info is not None
+    assert info.state == "failed"
+    assert data == b"partial"
+    with pytest.raises(LeaseLost):
+        await store.append(lease, b"more", chunks=1)  # too late: it was reported failed
+    again = await store.claim("/dead#1", lease_seconds=5)
+    assert isinstance(again, Lease)
+    info = await store.info("/dead#1")
+    assert info is not None
+    assert (info.state, info.offset, info.generation) == ("running", 0, again.token)
+
+
+@pytest.mark.anyio
+async def test_keys_share_a_hash_tag_and_all_expire(server: Server, store: RedisStore) -> None:
+    weird = "/x#}{ünï\n" + "k" * 300
+    lease = await claimed(store, weird, lease_seconds=2)
+    await store.start(lease, 200, ())
+    await store.append(lease, b"abc", chunks=1)
+    client = Redis.from_url(server.url)
+    keys = sorted(await client.keys("*"))
+    assert len(keys) == 3
+    tags = {k.split(b"{", 1)[1].split(b"}", 1)[0] for k in keys}
+    assert len(tags) == 1
+    ttls = [await client.pttl(k) for k in keys]
+    assert all(0 < t <= 2000 + 300_000 + 60_000 for t in ttls), ttls
+    await store.finish(lease, "complete", ttl=0.3, retain=True)
+    ttls = [await client.pttl(k) for k in keys]
+    assert all(0 < t <= 60_300 for t in ttls), ttls
+    info, data = await store.read(weird, 0, 10)
+    assert info is not None
+    assert info.id == weird
+    assert data == b"abc"
+    assert [i.id async for i in store.scan()] == [weird]
+    await anyio.sleep(0.4)
+    assert await store.info(weird) is None
+    assert isinstance(await store.claim(weird, lease_seconds=1), Lease)
+    await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_purge_expired_and_scan(server: Server) -> None:
+    s = RedisStore(server.url, prefix="purge*test")
+    for i in range(3):
+        lease = await claimed(s, f"/p#{i}")
+        await s.finish(lease, "complete", ttl=60 if i else 0.001, retain=True)
+    assert sorted([i.id async for i in s.scan()]) == ["/p#1", "/p#2"]
+    assert await s.purge_expired() == 0
+    for i in (1, 2):
+        assert await s.delete(f"/p#{i}")
+    assert [i async for i in s.scan()] == []
+    await s.close()
+
+
+@pytest.mark.anyio
+async def test_retried_writes_apply_once(store: RedisStore) -> None:
+    """redis-py retries a script whose reply was lost: the second run must be a no-op."""
+    from durable_asgi.stores import redis as mod
+
+    lease = await claimed(store, "/retry#1")
+    keys = store._keys("/retry#1")
+    orphan = mod._ms(store.orphan_ttl)
+    big = os.urandom(3 * mod.MAX_ENTRY + 5)  # stored as 4 entries
+    for want, piece in ((0, b"abc"), (3, big)):
+        for _ in range(2):
+            reply = await store._eval(mod._APPEND, keys, lease.token, want, orphan, piece, 1)
+            assert reply[0] == b"ok"
+    info, data = await store.read("/retry#1", 0, 1 << 20)
+    assert data == b"abc" + big
+    assert info is not None
+    assert info.chunks == 2
+    orphan = mod._ms(store.orphan_ttl)
+    # the same token claiming again (a retried claim) gets its lease back
+    reply = await store._eval(mod._CLAIM, keys, lease.token, -1, orphan, "/retry#1", 5000)
+    assert reply[0] == b"lease"
+    # an append at an offset the store doesn't have means lost writes: fail, don't complete
+    for want in (1, 2, 3 + len(big) - 2):  # (1: a retry's end, but not the last append)
+        reply = await store._eval(mod._APPEND, keys, lease.token, want, orphan, b"zz", 1)
+        assert reply[0] == b"lost"
+    info = await store.info("/retry#1")
+    assert info is not None
+    assert info.state == "failed"
+
+
+@pytest.mark.anyio
+async def test_redis_restart_mid_stream_fails_readers() -> None:
+    if REDIS_SERVER is None:
+        pytest.skip("needs redis-server")
+    srv = Server()
+    srv.start()
+    try:
+        producer = RedisStore(srv.url, block_seconds=0.3)
+        reader = RedisStore(srv.url, block_seconds=0.3)
+        lease = await claimed(producer, "/restart#1")
+        await producer.start(lease, 200, ())
+        await producer.append(lease, b"before", chunks=1)
+        info, data = await reader.read("/restart#1", 0, 100)
+        assert info is not None
+        assert data == b"before"
+        woke = anyio.Event()
+
+        async def wait() -> None:
+            await reader.wait(info, 10)
+            woke.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(wait)
+            await anyio.sleep(0.1)
+            srv.stop()
+            with anyio.fail_after(3):
+                await woke.wait()  # the tail lost its connection: readers re-read
+        t0 = time.perf_counter()
+        with pytest.raises(StoreError):
+            await reader.read("/restart#1", 6, 100)
+        assert time.perf_counter() - t0 < 5
+        srv.start()
+        assert await reader.read("/restart#1", 6, 100) == (None, b"")
+        with pytest.raises(LeaseLost):
+            await producer.append(lease, b"after", chunks=1)
+        await producer.close()
+        await reader.close()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.anyio
+async def test_unreachable_redis_raises_store_error() -> None:
+    s = RedisStore(f"redis://127.0.0.1:{_free_port()}/0")
+    t0 = time.perf_counter()
+    with pytest.raises(StoreError):
+        await s.open()
+    with pytest.raises(StoreError):
+        await s.claim("/x#1", lease_seconds=1)
+    assert time.perf_counter() - t0 < 5
+    await s.close()
+
+
+@pytest.mark.anyio
+async def test_passed_client_is_checked_and_not_closed(server: Server) -> None:
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisStore(Redis.from_url(server.url, decode_responses=True))
+    client = Redis.from_url(server.url, protocol=3)
+    s = RedisStore(client, block_seconds=0.2)
+    lease = await claimed(s, "/resp3#1")
+    info = await s.info("/resp3#1")
+    assert info is not None
+
+    async def later() -> None:
+        await anyio.sleep(0.1)
+        await s.append(lease, b"x", chunks=1)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(later)
+        await s.wait(info, 2)
+    await s.close()
+    assert await client.ping()
+    await client.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.anyio
+async def test_trio_is_refused_clearly() -> None:
+    s = RedisStore()
+    with pytest.raises(ConfigurationError, match="asyncio"):
+        await s.info("/x#1")
+
+
+@pytest.mark.anyio
+async def test_close_stops_tails(server: Server, store: RedisStore) -> None:
+    s = RedisStore(server.url, block_seconds=0.5)
+    lease = await claimed(store, "/close#1")
+    info = await s.info("/close#1")
+    assert info is not None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(s.wait, info, 10)
+        await anyio.sleep(0.1)
+        assert s._tails
+        await s.close()
+    assert not s._tails
+    await s.delete(lease.stream_id)  # reopens lazily
+    await s.close()
+
+
+@pytest.mark.anyio
+async def test_tail_stops_after_its_last_waiter(server: Server, store: RedisStore) -> None:
+    await claimed(store, "/linger#1")
+    s = RedisStore(server.url, block_seconds=0.5)
+    info = await s.info("/linger#1")
+    assert info is not None
+    await s.wait(info, 0.05)
+    assert "/linger#1" in s._tails
+    await anyio.sleep(2 * s.block_seconds + 0.3)
+    assert "/linger#1" not in s._tails
+    await s.close()
+
+
+@pytest.mark.anyio
+async def test_two_workers_share_a_live_stream_through_the_middleware(server: Server) -> None:
+    from durable_asgi import DurableMiddleware
+
+    from .apps import StreamApp, wait_thread_event
+    from .asgi import call
+
+    app = StreamApp(pause_at=10, delay=0.001)
+    worker_a = DurableMiddleware(app, store=RedisStore(server.url), poll_interval=5)
+    worker_b = DurableMiddleware(app, store=RedisStore(server.url), poll_interval=5)
+    key = {"Durable-Key": "e2e-1"}
+    results = {}
+
+    async def first() -> None:
+        results["a"] = await call(worker_a, "/chat", headers=key, disconnect_after=30)
+
+    async def follower() -> None:
+        results["b"] = await call(worker_b, "/chat", headers=key)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(first)
+        await wait_thread_event(app.paused)
+        tasks.start_soon(follower)
+        await anyio.sleep(0.2)
+        t0 = time.perf_counter()
+        app.release.set()
+    # the follower (other worker, poll_interval 5 s) got the live bytes by wake-ups, not polls
+    assert time.perf_counter() - t0 < 3
+    assert app.calls == 1
+    assert results["a"].disconnected
+    b = results["b"]
+    assert (b.status, b.complete, b.body) == (200, True, app.body)
+    assert b.headers["durable-replay"] == "true"
+    resumed = await call(worker_b, "/chat", headers={**key, "Durable-Offset": "25"})
+    assert resumed.complete
+    assert resumed.body == app.body[25:]
+    assert app.calls == 1
+    for worker in (worker_a, worker_b):
+        assert worker.store is not None
+        await worker.store.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[Server]]:
+    """Three redis-servers joined into a Redis Cluster (no replicas)."""
+    cli = shutil.which("redis-cli")
+    if REDIS_SERVER is None or cli is None:
+        pytest.skip("needs redis-server and redis-cli")
+    nodes = [Server() for _ in range(3)]
+    workdir = tempfile.TemporaryDirectory()
+    for node in nodes:
+        node.port = _free_cluster_port()
+        node.cwd = workdir.name
+        node.extra = ["--cluster-enabled", "yes", "--cluster-config-file", f"n{node.port}.conf"]
+    try:
+        for node in nodes:
+            node.start()
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 10
+        while (
+            b"cluster_state:ok"
+            not in subprocess.run(
+                [cli, "-p", str(nodes[0].port), "cluster", "info"], capture_output=True
+            ).stdout
+        ):
+            assert time.monotonic() < deadline, "cluster did not form"
+            time.sleep(0.05)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+        workdir.cleanup()
+
+
+@pytest.mark.anyio
+async def test_redis_cluster(cluster: list[Server]) -> None:
+    from redis.asyncio import RedisCluster
+
+    clients = [RedisCluster(host="127.0.0.1", port=n.port) for n in cluster[:2]]
+    a, b = (RedisStore(c, block_seconds=0.5) for c in clients)
+    sids = [f"/cluster#{i}" for i in range(12)] + ["/x#}{", "/ü#1"]
+    for sid in sids:
+        lease = await claimed(a, sid)
+        await a.start(lease, 200, ())
+        info = await b.info(sid)
+        assert info is not None
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(b.wait, info, 5)
+            await anyio.sleep(0.02)
+            t0 = time.perf_counter()
+            await a.append(lease, sid.encode(), chunks=1)
+        assert time.perf_counter() - t0 < 0.4
+        assert (await b.read(sid, 0, 100))[1] == sid.encode()
+        await a.finish(lease, "complete", ttl=60, retain=True)
+    nodes = {clients[0].get_node_from_key(a._keys(sid)[0]).name for sid in sids}
+    assert len(nodes) > 1  # the streams really are spread over the cluster
+    results = [await b.claim("/race#1", lease_seconds=5) for _ in range(3)]
+    assert sum(isinstance(r, Lease) for r in results) == 1
+    assert sorted([i.id async for i in a.scan()]) == sorted([*sids, "/race#1"])
+    assert await a.abort("/race#1", ttl=10)
+    for sid in sids:
+        assert await b.delete(sid)
+    for store in (a, b):
+        await store.close()
+    for client in clients:
+        await client.aclose()
