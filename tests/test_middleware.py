@@ -580,3 +580,51 @@ async def test_status_json_is_valid_json_for_hashed_keys() -> None:
     ids = [info.id async for info in mw.store_checked.scan()]
     assert len(ids) == 1 and ids[0].startswith("sha256:")
     assert json.dumps(ids)
+
+
+# -- per-endpoint policies (the AI SDK's "new turn per POST" and "resume only what runs") ----
+
+
+async def test_on_finished_rerun_starts_a_new_stream_but_joins_a_running_one() -> None:
+    app = StreamApp(pause_at=3)
+    mw = durable(app, on_finished="rerun")
+    bodies: list[bytes] = []
+
+    async def client() -> None:
+        bodies.append((await call(mw, "/s", headers=KEY)).body)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(client)
+        await wait_thread_event(app.paused)
+        tasks.start_soon(client)
+        await anyio.wait_all_tasks_blocked()
+        app.release.set()
+    assert app.calls == 1 and bodies == [BODY, BODY]
+    await call(mw, "/s", headers=KEY)  # finished: a new turn runs the handler again
+    assert app.calls == 2
+
+
+async def test_no_content_policies_only_join_running_streams() -> None:
+    app = StreamApp(pause_at=3)
+    mw = durable(app, on_finished="no_content", on_absent="no_content")
+    nothing = await call(mw, "/s", headers=KEY)
+    assert nothing.status == 204 and nothing.body == b""
+    assert nothing.headers["durable-state"] == "absent" and app.calls == 0
+
+    starter = durable(app)  # another endpoint (same store) starts the stream
+    starter.store, starter.engine = mw.store, mw.engine
+    results = []
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(partial(call, starter, "/s", headers=KEY))
+        await wait_thread_event(app.paused)
+
+        async def joiner() -> None:
+            results.append(await call(mw, "/s", headers=KEY))
+
+        tasks.start_soon(joiner)
+        await anyio.wait_all_tasks_blocked()
+        app.release.set()
+    assert results[0].body == BODY and results[0].headers["durable-replay"] == "true"
+    done = await call(mw, "/s", headers=KEY)
+    assert done.status == 204 and done.headers["durable-state"] == "complete"
+    assert app.calls == 1

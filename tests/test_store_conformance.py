@@ -104,12 +104,6 @@ async def lease_is_lost(store: Store, lease: Lease) -> None:
         await store.finish(lease, "complete", ttl=LONG, retain=True)
 
 
-def xfail_on_memory(request: pytest.FixtureRequest, reason: str) -> None:
-    """A known MemoryStore bug (strict: the suite tells when it is fixed)."""
-    if request.getfixturevalue("backend")[0] == "memory":
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
-
-
 # -- the protocol ----------------------------------------------------------------------------
 
 
@@ -161,6 +155,24 @@ async def test_claim_of_a_running_stream_returns_its_info(store: Store, ids: Ids
     assert other.generation == lease.token
     assert other.state == "running"
     assert other.status_code == 201
+
+
+@pytest.mark.parametrize("end", ["complete", "aborted"])
+async def test_claim_with_replace_takes_over_finished_but_not_running_streams(
+    store: Store, ids: Ids, end: str
+) -> None:
+    sid = ids()
+    old = await produce(store, sid, [b"first turn"], state=end)
+    kept = await store.claim(sid, lease_seconds=LONG)
+    assert isinstance(kept, StreamInfo)  # without replace a finished stream is kept
+    new = await store.claim(sid, lease_seconds=LONG, replace=True)
+    assert isinstance(new, Lease)
+    assert new.token != old.token
+    fresh = await info_of(store, sid)
+    assert (fresh.state, fresh.offset) == ("running", 0)
+    running = await store.claim(sid, lease_seconds=LONG, replace=True)
+    assert isinstance(running, StreamInfo)
+    assert running.generation == new.token
 
 
 async def test_exactly_one_of_many_concurrent_claims_wins(store: Store, ids: Ids) -> None:
@@ -380,13 +392,8 @@ async def make_change(store: Store, lease: Lease, change: str) -> None:
 
 @pytest.mark.parametrize("change", CHANGES)
 async def test_wait_returns_at_once_when_the_stream_changed_before_the_call(
-    store: Store, ids: Ids, change: str, request: pytest.FixtureRequest
+    store: Store, ids: Ids, change: str
 ) -> None:
-    if change == "replace":
-        xfail_on_memory(
-            request,
-            "MemoryStore.wait compares only `version`, which restarts at 1 for a new generation",
-        )
     lease = await claim(store, ids())
     info = await info_of(store, lease.stream_id)
     await make_change(store, lease, change)
@@ -544,10 +551,7 @@ async def test_finished_streams_expire_after_their_ttl(store: Store, ids: Ids, e
     assert await read_all(store, keeper) == b"kept"
 
 
-async def test_scan_omits_expired_streams(
-    store: Store, ids: Ids, request: pytest.FixtureRequest
-) -> None:
-    xfail_on_memory(request, "MemoryStore.scan lists expired streams until they are purged")
+async def test_scan_omits_expired_streams(store: Store, ids: Ids) -> None:
     sid, keeper = ids(), ids()
     await produce(store, sid, [b"x"], ttl=SHORT)
     await produce(store, keeper, [b"y"])

@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
@@ -66,6 +66,8 @@ class StreamOptions:
     sse_ids: bool
     lease_seconds: float
     poll_interval: float
+    on_finished: Literal["replay", "rerun", "no_content"] = "replay"
+    on_absent: Literal["run", "no_content"] = "run"
 
 
 class Producer:

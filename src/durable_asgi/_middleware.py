@@ -81,6 +81,13 @@ class DurableMiddleware:
             sooner whenever the store can tell it about changes).
         shutdown_grace: on server shutdown, seconds running handlers get to finish before they
             are stopped (their streams end ``failed``).
+        on_finished: what a request for a *finished* stream gets: ``"replay"`` it (default),
+            ``"rerun"`` the handler as a new stream (each request starts a new turn; a running
+            stream is still joined), or ``"no_content"``: 204, handler not called.
+        on_absent: what a request for a stream that doesn't exist does: ``"run"`` the handler
+            (default) or ``"no_content"``: 204, handler not called. ``on_finished="no_content",
+            on_absent="no_content"`` makes an endpoint that only joins running streams (the
+            AI SDK's resume endpoint).
         client_path: where the middleware serves the browser client
             (``<client_path>durable-fetch.js`` and its ``.d.ts``), so
             ``<script type="module">`` works with no build step. None turns it off.
@@ -102,11 +109,17 @@ class DurableMiddleware:
     lease_seconds: float = 5.0
     poll_interval: float = 1.0
     shutdown_grace: float = 10.0
+    on_finished: Literal["replay", "rerun", "no_content"] = "replay"
+    on_absent: Literal["run", "no_content"] = "run"
     client_path: str | None = "/_durable/"
 
     def __post_init__(self) -> None:
         if self.routes not in ("all", "decorated"):
             raise ValueError(f"routes must be 'all' or 'decorated', not {self.routes!r}")
+        if self.on_finished not in ("replay", "rerun", "no_content"):
+            raise ValueError("on_finished must be 'replay', 'rerun' or 'no_content'")
+        if self.on_absent not in ("run", "no_content"):
+            raise ValueError("on_absent must be 'run' or 'no_content'")
         for name in ("ttl", "lease_seconds", "poll_interval", "shutdown_grace"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
@@ -124,6 +137,8 @@ class DurableMiddleware:
             sse_ids=self.sse_ids,
             lease_seconds=self.lease_seconds,
             poll_interval=self.poll_interval,
+            on_finished=self.on_finished,
+            on_absent=self.on_absent,
         )
         self._routes: Callable[[Scope], Any] | None = None
 
@@ -352,7 +367,20 @@ class _Exchange:
             await serve_stream(store, info, offset, options, self.receive, self.send)
             return
 
-        claimed = await store.claim(self.stream_id, lease_seconds=options.lease_seconds)
+        if "no_content" in (options.on_finished, options.on_absent):
+            info = await store.info(self.stream_id)
+            absent = info is None or is_claimable(info)
+            if (absent and options.on_absent == "no_content") or (
+                info is not None and info.finished and options.on_finished == "no_content"
+            ):
+                state = "absent" if info is None or absent else info.state
+                await send_json(self.send, 204, None, [(b"durable-state", state.encode())])
+                return
+        claimed = await store.claim(
+            self.stream_id,
+            lease_seconds=options.lease_seconds,
+            replace=options.on_finished == "rerun",
+        )
         if not isinstance(claimed, Lease):
             await serve_stream(store, claimed, 0, options, self.receive, self.send)
             return

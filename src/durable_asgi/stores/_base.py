@@ -143,11 +143,14 @@ class Store(Protocol):
     async def close(self) -> None:
         """Release connections and threads. Idempotent."""
 
-    async def claim(self, stream_id: str, *, lease_seconds: float) -> Lease | StreamInfo:
+    async def claim(
+        self, stream_id: str, *, lease_seconds: float, replace: bool = False
+    ) -> Lease | StreamInfo:
         """Atomically become the producer of `stream_id`, or learn who is.
 
         Returns a `Lease` on a fresh, empty, `running` stream when the stream was claimable (see
         `is_claimable`; the old one's data is discarded), else the existing stream's `StreamInfo`.
+        With `replace=True` a finished stream is claimable too: only a running one is kept.
         Of N concurrent claims exactly one gets a lease. Raises `StoreFull` when at capacity.
         """
 
@@ -158,7 +161,8 @@ class Store(Protocol):
         """Append `data` (which holds `chunks` handler messages) at the end of the body."""
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
-        """Extend the lease to now + `lease_seconds`."""
+        """Extend the lease to now + `lease_seconds`. A lease that already ran out is lost for
+        good (`LeaseLost`): readers were told the stream failed, so it must not come back."""
 
     async def finish(self, lease: Lease, state: FinalState, *, ttl: float, retain: bool) -> None:
         """End the stream. It is kept `ttl` seconds from now; `retain=False` makes it
@@ -176,8 +180,10 @@ class Store(Protocol):
 
     async def wait(self, info: StreamInfo, timeout: float) -> None:
         """Return when the stream may have changed since `info` was taken (data appended, head
-        set, state changed, deleted), or after `timeout` seconds. Spurious returns are allowed;
-        missed changes are not: a change made before the call returns at once."""
+        set, state changed, deleted or replaced: `generation` or `version` differ), or after
+        `timeout` seconds. Spurious returns are allowed; missed changes are not: a change made
+        before the call returns at once. A lease running out need not wake waiters (readers
+        re-check on timeout)."""
 
     async def attach(self, stream_id: str, delta: int) -> None:
         """Count readers in (+1) and out (-1) for `StreamInfo.readers`."""
@@ -190,10 +196,11 @@ class Store(Protocol):
         """Revoke the producer's lease and remove the stream. True if it existed. Idempotent."""
 
     async def purge_expired(self) -> int:
-        """Remove expired streams now; returns how many were removed."""
+        """Remove expired streams now; returns how many were removed (stores that also expire
+        streams by themselves may count fewer)."""
 
     def scan(self) -> AsyncIterator[StreamInfo]:
-        """Every stream in the store (for the operator CLI)."""
+        """Every stream in the store that hasn't expired (for the operator CLI)."""
 
 
 def new_token() -> str:
@@ -210,15 +217,16 @@ def effective(info: StreamInfo, now: float | None = None) -> StreamInfo:
     return info
 
 
-def is_claimable(info: StreamInfo | None, now: float | None = None) -> bool:
-    """Whether a `claim` may replace this stream (see the module docstring)."""
+def is_claimable(info: StreamInfo | None, now: float | None = None, replace: bool = False) -> bool:
+    """Whether a `claim` may replace this stream (see the module docstring); with `replace`,
+    any stream that isn't running is."""
     if info is None:
         return True
     now = time.time() if now is None else now
     info = effective(info, now)
     if info.state == "running":
         return False
-    if info.state == "failed" or not info.retain:
+    if replace or info.state == "failed" or not info.retain:
         return True
     return info.expires_at is not None and info.expires_at <= now
 

@@ -95,10 +95,11 @@ class MemoryStore:
 
     def _owned(self, lease: Lease) -> _Stream:
         stream = self._streams.get(lease.stream_id)
+        # A lease that ran out is lost for good: readers were already told the stream failed.
         if (
             stream is None
             or stream.info.generation != lease.token
-            or stream.info.state != "running"
+            or effective(stream.info).state != "running"
         ):
             raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
         return stream
@@ -126,13 +127,15 @@ class MemoryStore:
 
     # -- Store protocol --------------------------------------------------------------------
 
-    async def claim(self, stream_id: str, *, lease_seconds: float) -> Lease | StreamInfo:
+    async def claim(
+        self, stream_id: str, *, lease_seconds: float, replace: bool = False
+    ) -> Lease | StreamInfo:
         now = time.time()
         if now >= self._next_purge:
             self._next_purge = now + 1.0
             await self.purge_expired()
         stream = self._get(stream_id, now)
-        if stream is not None and not is_claimable(stream.info, now):
+        if stream is not None and not is_claimable(stream.info, now, replace):
             return effective(stream.info, now)
         if stream is not None:
             self._remove(stream_id)
@@ -222,7 +225,10 @@ class MemoryStore:
     async def wait(self, info: StreamInfo, timeout: float) -> None:
         event = self._notifier.event(info.id)
         current = self._streams.get(info.id)
-        if current is None or current.info.version != info.version:
+        if current is None or (current.info.generation, current.info.version) != (
+            info.generation,
+            info.version,
+        ):
             return
         await self._notifier.wait(event, timeout)
 
@@ -259,4 +265,6 @@ class MemoryStore:
     async def scan(self) -> AsyncIterator[StreamInfo]:
         now = time.time()
         for stream in list(self._streams.values()):
-            yield effective(stream.info, now)
+            expires = stream.info.expires_at
+            if expires is None or expires > now:
+                yield effective(stream.info, now)

@@ -174,7 +174,7 @@ def _script(name: str, body: str) -> _Script:
     return _Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 
-# ARGV: token, -, orphan, id, lease ms
+# ARGV: token, -, orphan, id, lease ms, replace ("1": any stream that isn't running)
 _CLAIM = _script(
     "claim",
     """
@@ -183,6 +183,7 @@ if m then
   if m.gen == ARGV[1] and m.state == 'running' then return {'lease', m.ver} end  -- a retry
   local claimable = m.state == 'failed' or m.retain == '0'
     or (m.state == 'running' and tonumber(m.lease) < now)
+    or (ARGV[6] == '1' and m.state ~= 'running')
   if not claimable then return {'info', unpack(snap)} end
 end
 local readers = m and m.readers or '0'
@@ -700,9 +701,12 @@ class RedisStore:
                 if client is not None:
                     await client.aclose()
 
-    async def claim(self, stream_id: str, *, lease_seconds: float) -> Lease | StreamInfo:
+    async def claim(
+        self, stream_id: str, *, lease_seconds: float, replace: bool = False
+    ) -> Lease | StreamInfo:
         token = new_token()
-        args = (token, -1, _ms(self.orphan_ttl), stream_id, max(1, _ms(lease_seconds)))
+        lease_ms = max(1, _ms(lease_seconds))
+        args = (token, -1, _ms(self.orphan_ttl), stream_id, lease_ms, int(replace))
         reply = await self._eval(_CLAIM, self._keys(stream_id), *args)
         if reply[0] == b"info":
             return self._info(reply[1:])

@@ -312,7 +312,9 @@ class SQLiteStore:
 
     # -- Store protocol ----------------------------------------------------------------------
 
-    async def claim(self, stream_id: str, *, lease_seconds: float) -> Lease | StreamInfo:
+    async def claim(
+        self, stream_id: str, *, lease_seconds: float, replace: bool = False
+    ) -> Lease | StreamInfo:
         if time.time() >= self._next_purge:
             self._next_purge = time.time() + self.purge_interval
             await self.purge_expired()
@@ -324,7 +326,7 @@ class SQLiteStore:
             )
             old = _to_info(next(iter(rows))) if rows else None
             live = old if old is not None and not _expired(old, now) else None
-            if live is not None and not is_claimable(live, now):
+            if live is not None and not is_claimable(live, now, replace):
                 return effective(live, now)
             if old is not None:
                 await db.execute("DELETE FROM segments WHERE stream_id = ?", (stream_id,))
