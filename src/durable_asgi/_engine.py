@@ -101,10 +101,15 @@ class Producer:
     # -- control ---------------------------------------------------------------------------
 
     def cancel(self, reason: str) -> None:
-        """Stop the handler (abort, delete, shutdown, max_duration, lease lost)."""
+        """Stop the handler (abort, shutdown, max_duration, too large)."""
         if not self.reason:
             self.reason = reason
         self._scope.cancel()
+
+    def revoke(self, reason: str) -> None:
+        """Stop the handler because this producer may no longer write (lease lost, deleted)."""
+        self._lost = True
+        self.cancel(reason)
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -219,8 +224,7 @@ class Producer:
             status = self.head[0] if self.head else 500
             await store.finish(lease, self.state, ttl=self.options.ttl, retain=200 <= status < 300)
         except LeaseLost:
-            self._lost = True
-            self.cancel("aborted")
+            self.revoke("aborted")
         except StoreError as exc:
             logger.error("durable_asgi: store failed for %r: %s", lease.stream_id, exc)
             self.cancel(f"store error: {exc}")
@@ -242,8 +246,7 @@ class Producer:
             try:
                 await self.store.renew(self.lease, lease_seconds=self.options.lease_seconds)
             except LeaseLost:
-                self._lost = True
-                self.cancel("aborted")
+                self.revoke("aborted")
                 return
             except StoreError as exc:
                 logger.warning("durable_asgi: renewing %r failed: %s", self.lease.stream_id, exc)
@@ -287,8 +290,7 @@ class Engine:
         deleted = await self.store.delete(stream_id)
         producer = self.producers.get(stream_id)
         if producer is not None:
-            producer._lost = True
-            producer.cancel("deleted")
+            producer.revoke("deleted")
         return deleted
 
     async def shutdown(self, grace: float) -> None:
