@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from typing import Any
 
 import anyio
 import pytest
 
-from durable_asgi import DurableMiddleware, MemoryStore, keys
+from durable_asgi import DurableMiddleware, MemoryStore, StoreError, keys
 from durable_asgi._types import Receive, Scope, Send
 
 from .apps import CHUNKS, StreamApp, wait_thread_event
@@ -628,3 +629,22 @@ async def test_no_content_policies_only_join_running_streams() -> None:
     done = await call(mw, "/s", headers=KEY)
     assert done.status == 204 and done.headers["durable-state"] == "complete"
     assert app.calls == 1
+
+
+class FailingReads(MemoryStore):
+    """A store whose reads fail once a reader got its first 10 bytes (a Redis gone away)."""
+
+    async def read(self, stream_id: str, offset: int, limit: int) -> tuple[Any, bytes]:
+        if offset >= 10:
+            raise StoreError("connection lost")
+        return await super().read(stream_id, offset, 10 - offset)
+
+
+async def test_a_store_failing_mid_stream_ends_the_response_abnormally() -> None:
+    app = StreamApp()
+    mw = DurableMiddleware(app, store=FailingReads())
+    result = await call(mw, "/s", headers=KEY)
+    assert result.status == 200
+    assert not result.complete
+    assert result.body == BODY[:10]
+    assert app.finished == 1  # the handler itself was not disturbed

@@ -429,9 +429,10 @@ async def _pump(
             pass
         scope.cancel()
 
-    try:
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(watch_disconnect, tasks.cancel_scope)
+    error: Exception | None = None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(watch_disconnect, tasks.cancel_scope)
+        try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             async for data in tail:
                 if ids is not None:
@@ -444,6 +445,13 @@ async def _pump(
                 await send({"type": "http.response.body", "body": last, "more_body": False})
             # Otherwise end without completing the body: the server closes the connection,
             # so the client sees a truncated response, never a clean end.
-            tasks.cancel_scope.cancel()
-    except OSError:
-        pass  # ASGI 2.4+ servers raise OSError on send after the client left.
+        except OSError:
+            pass  # ASGI 2.4+ servers raise OSError on send after the client left.
+        except StoreError as exc:
+            # Headers are out: the only honest answer left is a truncated body.
+            logger.error("durable_asgi: store failed while reading %r: %s", tail.stream_id, exc)
+        except Exception as exc:
+            error = exc  # re-raised bare below, not wrapped in an ExceptionGroup
+        tasks.cancel_scope.cancel()
+    if error is not None:
+        raise error
