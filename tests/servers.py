@@ -95,6 +95,8 @@ def running_server(
     http: Literal["h11", "httptools"] = "h11",
     startup_timeout: float = 10.0,
     shutdown_timeout: float = 5.0,
+    env: Mapping[str, str] | None = None,
+    workers: int = 1,
 ) -> Iterator[RunningServer]:
     """Serve `app` on a free loopback port until the block ends.
 
@@ -106,15 +108,20 @@ def running_server(
     server) or an import string such as ``"tests.apps:app"`` (served by the server's CLI in a
     subprocess: `.process` is set and `.kill()` crashes it). `http` picks uvicorn's HTTP/1.1
     parser. uvicorn and hypercorn in a thread get a socket bound here; granian and the CLIs
-    bind a port found free just before.
+    bind a port found free just before. For an import string, `env` adds environment variables
+    to the subprocess and `workers` > 1 runs that many worker processes (uvicorn ``--workers``).
 
         with running_server(app, server="hypercorn") as server:
             result = anyio.run(fetch, server.url, "/")
     """
     if isinstance(app, str):
-        with _subprocess_server(app, server, http, startup_timeout, shutdown_timeout) as running:
+        with _subprocess_server(
+            app, server, http, startup_timeout, shutdown_timeout, env or {}, workers
+        ) as running:
             yield running
         return
+    if env or workers != 1:
+        raise ValueError("env= and workers= need an import string (a server in a subprocess)")
     # Bound but not listening: connecting fails until the server itself starts accepting.
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -258,7 +265,13 @@ _CLI = {
 
 @contextlib.contextmanager
 def _subprocess_server(
-    target: str, server: ServerName, http: str, startup_timeout: float, shutdown_timeout: float
+    target: str,
+    server: ServerName,
+    http: str,
+    startup_timeout: float,
+    shutdown_timeout: float,
+    extra_env: Mapping[str, str],
+    workers: int,
 ) -> Iterator[RunningServer]:
     if server not in _CLI:
         raise ValueError(f"unknown server {server!r}: use uvicorn, hypercorn or granian")
@@ -267,8 +280,12 @@ def _subprocess_server(
         port: int = sock.getsockname()[1]
     grace = max(1, int(shutdown_timeout / 2))
     args = _CLI[server].format(target=target, host=HOST, port=port, http=http, grace=grace)
+    if workers != 1:
+        if server != "uvicorn":
+            raise ValueError("workers= is only supported for uvicorn")
+        args += f" --workers {workers}"
     # The child imports `target` as the tests do: same sys.path, same working directory.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, **extra_env, "PYTHONPATH": os.pathsep.join(sys.path)}
     # A session of its own: hypercorn and granian serve from worker processes, and `kill()` and
     # the clean-up below must reach those too.
     command = [sys.executable, "-m", *args.split()]
