@@ -16,6 +16,7 @@ Example::
 from typing import TYPE_CHECKING, Any
 
 from . import keys
+from ._decorator import durable
 from ._middleware import DurableMiddleware
 from ._request import DurableRequest
 from .exceptions import (
@@ -61,6 +62,7 @@ __all__ = [
     "StoreError",
     "StoreFull",
     "StreamInfo",
+    "durable",
     "keys",
     "store_from_url",
 ]

@@ -9,7 +9,7 @@ app with nothing added but a dictionary lookup or two.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,10 +17,11 @@ from typing import Any, Literal
 import anyio
 from asgiref.compatibility import guarantee_single_callable
 
-from . import keys
+from . import _routes, keys
 from ._engine import Engine, Producer, StreamOptions, serve_stream
 from ._protocol import Control, parse_control, parse_offset, send_json
 from ._request import DurableRequest
+from ._routes import RequestMark, RouteConfig, RouteResolver
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .exceptions import BadRequest, ClientDisconnected
 from .stores import Store, default_store
@@ -140,7 +141,8 @@ class DurableMiddleware:
             on_finished=self.on_finished,
             on_absent=self.on_absent,
         )
-        self._routes: Callable[[Scope], Any] | None = None
+        self.defaults = RouteConfig(self.key, self.owner, self.namespace, self.options)
+        self._routes = RouteResolver(self.app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -154,13 +156,36 @@ class DurableMiddleware:
                 and await serve_asset(path[len(client) :], scope, send)
             ):
                 return
+            if _routes.in_use or self.routes == "decorated":
+                await self._call_routed(scope, receive, send)
+                return
             if scope["method"] in self._methods:
-                await _Exchange(self, scope, receive, send).run()
+                await _Exchange(self, self.defaults, scope, receive, send).run()
                 return
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    async def _call_routed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Find the request's `@durable` route before the app runs (a resume must never run
+        it), and tell decorated endpoints the middleware is in front (they check)."""
+        mark = RequestMark()
+        token = _routes.current.set(mark)
+        try:
+            if scope["method"] in self._methods:
+                mark.resolved = True
+                mark.route = route = self._routes.resolve(scope)
+                if route is not None:
+                    config = route.config(self.defaults)
+                    await _Exchange(self, config, scope, receive, send).run()
+                    return
+                if self.routes == "all":
+                    await _Exchange(self, self.defaults, scope, receive, send).run()
+                    return
+            await self.app(scope, receive, send)
+        finally:
+            _routes.current.reset(token)
 
     # -- Python control API --------------------------------------------------------------------
 
@@ -289,26 +314,34 @@ def status_payload(key: str, info: StreamInfo) -> dict[str, Any]:
 class _Exchange:
     """One durable-candidate request: extract its key, then produce, follow or control."""
 
-    def __init__(self, middleware: DurableMiddleware, scope: Scope, receive: Receive, send: Send):
+    def __init__(
+        self,
+        middleware: DurableMiddleware,
+        config: RouteConfig,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ):
         self.middleware = middleware
+        self.config = config
         self.scope = scope
         self.receive = receive
         self.send = send
 
     async def run(self) -> None:
-        mw = self.middleware
+        mw, config = self.middleware, self.config
         request = DurableRequest(self.scope, self.receive, mw.max_request_body)
         try:
-            key = await keys.resolve(mw.key, request)
+            key = await keys.resolve(config.key, request)
             if key is None:
                 await self._pass_through(request)
                 return
             if not key:
                 raise BadRequest("the durable key is empty")
             control = parse_control(self.scope["headers"])
-            offset = parse_offset(self.scope["headers"], sse_ids=mw.sse_ids)
+            offset = parse_offset(self.scope["headers"], sse_ids=config.stream.sse_ids)
             body = await request.body()
-            owner = None if mw.owner is None else await keys.resolve(mw.owner, request)
+            owner = None if config.owner is None else await keys.resolve(config.owner, request)
         except BadRequest as exc:
             await send_json(self.send, exc.status_code, {"error": exc.detail})
             return
@@ -317,7 +350,7 @@ class _Exchange:
 
         namespace = key.namespace if isinstance(key, keys.Key) else None
         if namespace is None:
-            namespace = mw.namespace if mw.namespace is not None else self.scope["path"]
+            namespace = config.namespace if config.namespace is not None else self.scope["path"]
         self.key = str(key)
         self.stream_id = stream_id(namespace, self.key, owner)
         try:
@@ -351,7 +384,7 @@ class _Exchange:
 
     async def _stream(self, offset: int, body: bytes) -> None:
         mw = self.middleware
-        store, options = mw.engine.store, mw.options
+        store, options = mw.engine.store, self.config.stream
         if offset > 0:
             # A resume never starts a handler: there must be a stream to resume.
             info = await store.info(self.stream_id)
@@ -399,7 +432,7 @@ class _Exchange:
                 self.middleware.engine.store,
                 producer,
                 0,
-                self.middleware.options,
+                self.config.stream,
                 self.receive,
                 self.send,
             )
@@ -422,7 +455,7 @@ class _Exchange:
                     [(b"durable-state", info.state.encode())],
                 )
         elif control == "abort":
-            await mw.engine.abort(self.stream_id, ttl=mw.ttl)
+            await mw.engine.abort(self.stream_id, ttl=self.config.stream.ttl)
             await send_json(self.send, 204, None)
         else:
             await mw.engine.delete(self.stream_id)
