@@ -1,5 +1,10 @@
-"""The chat model: a fake one that streams tokens with realistic delays, or a real
-OpenAI-compatible upstream when ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` are set."""
+"""The chat model both example apps share: a fake one that streams word-sized tokens with
+realistic delays (``FAKE_MODEL_DELAY`` seconds per token, default 0.06), or a real
+OpenAI-compatible upstream when ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` are set.
+
+`calls` counts how many answers were started in this process: the apps expose it at
+``/api/stats`` so the browser tests can check that reloads and second tabs never add one.
+"""
 
 from __future__ import annotations
 
@@ -18,16 +23,21 @@ ANSWER = (
 )
 
 
+#: How many answers the model started in this process (``/api/stats``).
+calls = 0
+
+
 def answer_for(message: str) -> str:
+    """The fake model's whole answer to `message` (deterministic: tests compare with it)."""
     return f"You said: {message.strip()[:200]}\n\n{ANSWER}"
 
 
 async def fake_tokens(message: str, delay: float) -> AsyncIterator[str]:
     """Word-sized tokens with a jittered delay, like a hosted model."""
     rng = random.Random(message)
-    for word in answer_for(message).split(" "):
+    for i, word in enumerate(answer_for(message).split(" ")):
         await anyio.sleep(delay * rng.uniform(0.5, 1.5))
-        yield word + " "
+        yield word if i == 0 else " " + word  # the tokens add up to exactly `answer_for`
 
 
 async def openai_tokens(message: str) -> AsyncIterator[str]:  # pragma: no cover - needs a key
@@ -54,6 +64,9 @@ async def openai_tokens(message: str) -> AsyncIterator[str]:  # pragma: no cover
 
 
 def tokens(message: str) -> AsyncIterator[str]:
+    """Start an answer to `message`: its tokens, as they come."""
+    global calls
+    calls += 1
     if os.environ.get("OPENAI_BASE_URL") and os.environ.get("OPENAI_API_KEY"):
         return openai_tokens(message)
     return fake_tokens(message, float(os.environ.get("FAKE_MODEL_DELAY", "0.06")))

@@ -4,11 +4,16 @@ Run it with ``bash scripts/demo`` (from the repository root) and open http://127
 Type a message, reload while the answer streams: it continues where it was. Open a second tab:
 it shows the same answer, live. The store is the SQLite file ``durable-demo.db`` unless
 ``DURABLE_ASGI_STORE`` names another (``memory://``, ``redis://…``).
+
+The page (``examples/common/index.html``, shared with the Django example) sends each turn as
+``POST /api/chat`` with a ``Durable-Key`` header it made up for that turn; after a reload it
+sends the same request again, which joins the stored answer instead of calling the model.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -17,20 +22,17 @@ from pydantic import BaseModel
 
 from durable_asgi import DurableMiddleware, keys, store_from_url
 
-from .model import tokens
+from ..common import model
 
-HERE = Path(__file__).parent
+PAGE = Path(model.__file__).with_name("index.html")
 STORE_URL = os.environ.get("DURABLE_ASGI_STORE", "sqlite:///durable-demo.db")
 
 app = FastAPI(title="durable_asgi chat demo")
 app.add_middleware(
     DurableMiddleware,
     store=store_from_url(STORE_URL),
-    key=keys.header("Durable-Key"),
-    namespace="chat",
+    key=keys.header("Durable-Key"),  # one key per turn, made up by the page
 )
-#: How many times the model was called (the browser tests read it: reloads must not add any).
-app.state.model_calls = 0
 
 
 class Message(BaseModel):
@@ -39,20 +41,19 @@ class Message(BaseModel):
 
 @app.post("/api/chat")
 async def chat(body: Message) -> StreamingResponse:
-    app.state.model_calls += 1
+    async def answer() -> AsyncIterator[bytes]:
+        async for token in model.tokens(body.message):
+            yield token.encode()
 
-    async def stream():  # type: ignore[no-untyped-def]
-        async for token in tokens(body.message):
-            yield token
-
-    return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+    return StreamingResponse(answer(), media_type="text/plain; charset=utf-8")
 
 
 @app.get("/api/stats")
 async def stats() -> dict[str, int]:
-    return {"model_calls": app.state.model_calls}
+    """How many answers the model started: reloads and second tabs must not add any."""
+    return {"model_calls": model.calls}
 
 
 @app.get("/")
 async def index() -> FileResponse:
-    return FileResponse(HERE / "index.html")
+    return FileResponse(PAGE)
