@@ -1,13 +1,17 @@
 """The app the benchmarks serve: a Starlette app, bare or wrapped with DurableMiddleware.
 
 ``BENCH_STORE`` picks the variant: ``bare`` (no middleware), ``memory://``,
-``sqlite:///path.db`` or ``redis://…`` (any `store_from_url` URL).
+``sqlite:///path.db`` or ``redis://…`` (any `store_from_url` URL). Routes: ``/stream`` (the
+10,000 x 32-byte stream), ``/small`` (a tiny response) and ``/ticks`` (timestamped chunks for the
+fan-out latency measurement).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
+import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -27,11 +31,25 @@ async def stream(request: Request) -> Response:
     return StreamingResponse(body(), media_type="text/plain")
 
 
+async def ticks(request: Request) -> Response:
+    """`n` chunks ``T<time.time_ns()>\n``, one every `interval` seconds: a follower in another
+    process measures how long each took to reach it from the producer's send."""
+    n = int(request.query_params.get("n", "200"))
+    interval = float(request.query_params.get("interval", "0.005"))
+
+    async def body():  # type: ignore[no-untyped-def]
+        for _ in range(n):
+            await anyio.sleep(interval)
+            yield b"T%019d\n" % time.time_ns()
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
 async def small(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
-app = Starlette(routes=[Route("/stream", stream), Route("/small", small)])
+app = Starlette(routes=[Route("/stream", stream), Route("/small", small), Route("/ticks", ticks)])
 
 _store = os.environ.get("BENCH_STORE", "bare")
 if _store != "bare":

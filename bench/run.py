@@ -11,12 +11,18 @@ loopback port; the client runs in this process on the other core. Measured:
   the store and back out to the client.
 - small: requests/s of a tiny non-durable endpoint over one keep-alive connection, i.e. what the
   middleware costs requests it passes through.
+- resume TTFB: time to the first body byte of a resume (``Durable-Offset`` half-way) of a
+  finished stream, p50/p99, per store.
+- fan-out latency: a stream of timestamped chunks produced on server A; a follower connected to
+  server B (another process, same store) measures producer's send -> follower's receive, p50/p99,
+  for the stores shared between processes (SQLite, Redis).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -102,7 +108,8 @@ class Connection:
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 
-    def get(self, path: str, headers: dict[str, str] | None = None) -> bytes:
+    def head(self, path: str, headers: dict[str, str] | None = None) -> dict[bytes, bytes]:
+        """Send a GET and read the response head; the body is left to read."""
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n{extra}\r\n".encode())
         status = self._line()
@@ -111,6 +118,22 @@ class Connection:
         while line := self._line():
             name, _, value = line.partition(b":")
             head[name.strip().lower()] = value.strip()
+        return head
+
+    def get(
+        self,
+        path: str,
+        headers: dict[str, str] | None = None,
+        first_byte: list[float] | None = None,
+    ) -> bytes:
+        """The body of a GET. `first_byte` gets the perf_counter() when its first byte came."""
+        head = self.head(path, headers)
+        if first_byte is not None:
+            # With chunked framing, a body byte is in once it is past the chunk-size line.
+            chunked = b"content-length" not in head
+            while not self.buf or (chunked and not 0 <= self.buf.find(b"\r\n") < len(self.buf) - 2):
+                self._fill()
+            first_byte.append(time.perf_counter())
         if b"content-length" in head:
             return self._exactly(int(head[b"content-length"]))
         parts = []
@@ -144,6 +167,63 @@ def bench_small(port: int, requests: int) -> float:
     return requests / (time.perf_counter() - start)
 
 
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    """(p50, p99) of `samples`."""
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def bench_resume(port: int, requests: int) -> tuple[float, float]:
+    """Time to first byte (ms) of resuming a finished stream half-way; (p50, p99)."""
+    conn = Connection(port)
+    key = uuid.uuid4().hex
+    full = conn.get("/stream", {"Durable-Key": key})  # runs the handler once, to the end
+    offset = len(full) // 2
+    headers = {"Durable-Key": key, "Durable-Offset": str(offset)}
+    times: list[float] = []
+    for i in range(requests + 20):
+        first: list[float] = []
+        start = time.perf_counter()
+        body = conn.get("/stream", headers, first_byte=first)
+        assert body == full[offset:]
+        if i >= 20:  # warm-up
+            times.append((first[0] - start) * 1000)
+    return percentiles(times)
+
+
+TICK = re.compile(rb"T(\d{19})\n")
+
+
+def bench_fanout(port_a: int, port_b: int, runs: int, ticks: int) -> tuple[float, float, int]:
+    """Latency (ms) from the producer's send on server A to a follower on server B (another
+    process sharing the store): (p50, p99, samples)."""
+    latencies: list[float] = []
+    path = f"/ticks?n={ticks}&interval=0.005"
+    for _ in range(runs):
+        key = uuid.uuid4().hex
+        producer = Connection(port_a)
+        producer.head(path, {"Durable-Key": key})  # claimed, head stored: the stream is live
+        follower = Connection(port_b)
+        head = follower.head(path, {"Durable-Key": key})
+        assert head.get(b"durable-replay") == b"true", "the follower must not run the handler"
+        joined = time.time_ns()
+        seen, pos = 0, 0
+        while seen < ticks:
+            follower._fill()
+            now = time.time_ns()
+            for match in TICK.finditer(follower.buf, pos):
+                sent = int(match.group(1))
+                pos = match.end()
+                seen += 1
+                if sent > joined:  # produced while the follower was tailing live
+                    latencies.append((now - sent) / 1e6)
+            follower.buf, pos = follower.buf[pos:], 0
+        producer.sock.close()
+        follower.sock.close()
+    p50, p99 = percentiles(latencies)
+    return p50, p99, len(latencies)
+
+
 def redis_url() -> str | None:
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
     try:
@@ -163,6 +243,7 @@ def main() -> None:
     parser.add_argument("--stores", default="memory,sqlite,redis", help="durable variants to run")
     args = parser.parse_args()
     runs, small_requests, rounds = (3, 1000, 2) if args.quick else (7, 3000, 5)
+    resumes, fanout_runs = (100, 2) if args.quick else (300, 5)
 
     tmp = Path(tempfile.mkdtemp(prefix="durable-bench-"))
     variants = {"bare": "bare"}
@@ -185,6 +266,8 @@ def main() -> None:
 
     stream: dict[str, list[float]] = {name: [] for name in variants}
     small: dict[str, list[float]] = {name: [] for name in variants}
+    ttfb: dict[str, tuple[float, float]] = {}
+    fanout: dict[str, tuple[float, float, int]] = {}
     try:
         # Interleave rounds, rotating the order, so drift on a busy machine hits every variant
         # alike; pass-through first, on a fresh server, so the stream phase can't colour it.
@@ -194,6 +277,12 @@ def main() -> None:
                 with serve(variants[name]) as port:
                     small[name].append(bench_small(port, small_requests))
                     stream[name].append(bench_stream(port, runs, durable=name != "bare"))
+        for name in names[1:]:
+            with serve(variants[name]) as port:
+                ttfb[name] = bench_resume(port, resumes)
+            if name != "memory":  # shared between processes
+                with serve(variants[name]) as port_a, serve(variants[name]) as port_b:
+                    fanout[name] = bench_fanout(port_a, port_b, fanout_runs, 200)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -210,6 +299,22 @@ def main() -> None:
         f"\n{CHUNKS:,} x 32-byte chunks per stream; medians of {rounds} rounds x {runs} runs "
         f"(stream) and {rounds} x {small_requests} requests (pass-through); uvicorn h11, loopback."
     )
+    if ttfb:
+        print(f"\n{'store':<10} {'resume TTFB p50':>16} {'p99':>8}")
+        for name, (p50, p99) in ttfb.items():
+            print(f"{name:<10} {p50:>13.2f} ms {p99:>5.2f} ms")
+        print(
+            f"Time to the first body byte resuming a finished {CHUNKS * 32:,}-byte stream from its "
+            f"middle (Durable-Offset), {resumes} requests on one keep-alive connection."
+        )
+    if fanout:
+        print(f"\n{'store':<10} {'fan-out p50':>16} {'p99':>8} {'samples':>8}")
+        for name, (p50, p99, n) in fanout.items():
+            print(f"{name:<10} {p50:>13.2f} ms {p99:>5.2f} ms {n:>8}")
+        print(
+            "Producer's send on server A -> a follower's receive on server B (another process, "
+            f"same store); {fanout_runs} streams of 200 chunks, one every 5 ms."
+        )
 
 
 if __name__ == "__main__":
