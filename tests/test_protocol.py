@@ -129,3 +129,19 @@ def test_stream_ids_are_readable_or_hashed() -> None:
     assert stream_id("/chat", "42", owner="alice").startswith("sha256:")
     assert stream_id("/chat", "42", "alice") != stream_id("/chat", "42", "bob")
     assert stream_id("/a#b", "c") != stream_id("/a", "b#c")
+
+
+def test_store_urls_carry_options(tmp_path: object) -> None:
+    from durable_asgi.stores import MemoryStore, store_from_url
+
+    memory = store_from_url("memory://?max_streams=5&max_bytes=1000")
+    assert isinstance(memory, MemoryStore)
+    assert (memory.max_streams, memory.max_bytes) == (5, 1000)
+    sqlite = store_from_url("sqlite:////tmp/durable%20x.db?poll_interval=0.01")
+    assert (sqlite.path, sqlite.poll_interval) == ("/tmp/durable x.db", 0.01)  # type: ignore[attr-defined]
+    assert store_from_url("sqlite:///rel.db").path == "rel.db"  # type: ignore[attr-defined]
+    redis = store_from_url("redis://127.0.0.1:6379/0?prefix=chat&socket_timeout=3")
+    assert redis.prefix == "chat"  # type: ignore[attr-defined]
+    for bad in ("memory://?nope=1", "sqlite:///x.db?poll_interval=abc", "ftp://x", "sqlite://"):
+        with pytest.raises(ValueError, match=r"option|valid|unknown store|names no file"):
+            store_from_url(bad)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ._base import (
     Headers,
@@ -64,12 +64,43 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def store_from_url(url: str) -> Store:
-    """Build a store from a URL.
+# Store options a URL may carry as query parameters, with their types.
+_URL_OPTIONS: dict[str, dict[str, type]] = {
+    "memory": {"max_streams": int, "max_bytes": int},
+    "sqlite": {"poll_interval": float, "busy_timeout": float, "purge_interval": float},
+    "redis": {"prefix": str, "block_seconds": float, "orphan_ttl": float, "max_connections": int},
+}
 
-    - ``memory://`` → `MemoryStore()`
+
+def _options(url: str, kind: str) -> tuple[str, dict[str, Any]]:
+    """Split our options out of `url`'s query; the rest stays (redis-py reads its own)."""
+    parts = urlsplit(url)
+    known = _URL_OPTIONS[kind]
+    options: dict[str, Any] = {}
+    rest: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in known:
+            try:
+                options[name] = known[name](value)
+            except ValueError:
+                raise ValueError(
+                    f"{name}={value!r} in {url!r} is not a valid {known[name].__name__}"
+                ) from None
+        elif kind == "redis":
+            rest.append((name, value))
+        else:
+            raise ValueError(f"unknown option {name!r} in {url!r}: expected one of {sorted(known)}")
+    return urlunsplit(parts._replace(query=urlencode(rest))), options
+
+
+def store_from_url(url: str) -> Store:
+    """Build a store from a URL; query parameters set the store's options.
+
+    - ``memory://`` → `MemoryStore()` (``?max_streams=…&max_bytes=…``)
     - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` → `SQLiteStore(path)`
+      (``?poll_interval=0.01&busy_timeout=5``)
     - ``redis://host:6379/0``, ``rediss://…``, ``unix:///path/redis.sock`` → `RedisStore(url)`
+      (``?prefix=chat&block_seconds=1``; other parameters go to redis-py)
 
     Example::
 
@@ -77,20 +108,23 @@ def store_from_url(url: str) -> Store:
     """
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
-        return MemoryStore()
+        _, options = _options(url, "memory")
+        return MemoryStore(**options)
     if scheme == "sqlite":
+        _, options = _options(url, "sqlite")
         # SQLAlchemy's form: sqlite:///a.db -> "a.db"; sqlite:////var/a.db -> "/var/a.db"
-        rest = url[len("sqlite://") :]
+        rest = url.split("?", 1)[0][len("sqlite://") :]
         path = unquote(rest[1:] if rest.startswith("/") else rest)
         if not path:
             raise ValueError(f"{url!r} names no file: use sqlite:///path/to/file.db")
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(path)
+        return SQLiteStore(path, **options)
     if scheme in ("redis", "rediss", "unix"):
+        url, options = _options(url, "redis")
         from .redis import RedisStore
 
-        return RedisStore(url)
+        return RedisStore(url, **options)
     raise ValueError(
         f"unknown store URL {url!r}: expected memory://, sqlite:///path.db or redis://host:port/db"
     )
