@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Literal, TypeVar, overload
@@ -129,10 +130,10 @@ def durable(
             raise TypeError(f"@durable decorates an endpoint function, not {func!r}")
         route = replace(template, endpoint=_name(func))
         _routes.in_use = True
-        # Marked too, so a route registered with the undecorated function (decorators in the
-        # other order) is still found durable.
-        with contextlib.suppress(AttributeError, TypeError):
-            func.__durable__ = route  # type: ignore[attr-defined]
+        # Remembered, to tell a route registered with the undecorated function (the decorators
+        # in the wrong order) what went wrong; the function itself is left as it was.
+        with contextlib.suppress(TypeError):
+            _routes.undecorated[func] = route
         wrapper = _wrap(func, route)
         wrapper.__durable__ = route  # type: ignore[attr-defined]
         return wrapper
@@ -162,8 +163,8 @@ def _check(route: RouteOptions, args: tuple[Any, ...]) -> None:
     mark = _routes.current.get()
     if mark is None:
         raise ConfigurationError(_missing_middleware(route, args))
-    if mark.resolved and mark.route is None and route.endpoint not in _warned:
-        _warned.add(route.endpoint)
+    if mark.resolved and mark.route is None and route not in _warned:
+        _warned.add(route)
         logger.warning(
             "durable_asgi: @durable endpoint %s ran, but DurableMiddleware didn't match the "
             "request to it, so it isn't durable. Is a layer between the middleware and the "
@@ -173,7 +174,7 @@ def _check(route: RouteOptions, args: tuple[Any, ...]) -> None:
         )
 
 
-_warned: set[str] = set()
+_warned: weakref.WeakSet[RouteOptions] = weakref.WeakSet()
 
 
 def _missing_middleware(route: RouteOptions, args: tuple[Any, ...]) -> str:

@@ -27,7 +27,7 @@ import functools
 import logging
 import sys
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
@@ -156,19 +156,43 @@ current: ContextVar[RequestMark | None] = ContextVar("durable_asgi_request", def
 # -- finding the endpoint ------------------------------------------------------------------------
 
 
+undecorated: weakref.WeakKeyDictionary[Callable[..., Any], RouteOptions] = (
+    weakref.WeakKeyDictionary()
+)
+"""The functions `@durable` wrapped, to diagnose routes that hold the unwrapped one."""
+_warned: weakref.WeakSet[RouteOptions] = weakref.WeakSet()
+
+
 def options_of(endpoint: object, method: str) -> RouteOptions | None:
     """The `@durable` options of an endpoint: a function, or a class whose method for `method`
     (``get``, ``post``) is decorated (Starlette's `HTTPEndpoint`, Django's `View`)."""
     while isinstance(endpoint, functools.partial):
         endpoint = endpoint.func
+    if isinstance(endpoint, type):
+        endpoint = getattr(endpoint, method.lower(), None)
     found = getattr(endpoint, "__durable__", None)
     if isinstance(found, RouteOptions):
         return found
-    if isinstance(endpoint, type):
-        found = getattr(getattr(endpoint, method.lower(), None), "__durable__", None)
-        if isinstance(found, RouteOptions):
-            return found
+    if undecorated:
+        _warn_if_undecorated(endpoint)
     return None
+
+
+def _warn_if_undecorated(endpoint: object) -> None:
+    if not callable(endpoint):
+        return
+    try:
+        route = undecorated.get(endpoint)
+    except TypeError:  # not weakly referenceable: not a function @durable wrapped
+        return
+    if route is not None and route not in _warned:
+        _warned.add(route)
+        logger.warning(
+            "durable_asgi: a route calls %s without its @durable wrapper, so it isn't durable. "
+            "If it should be, apply @durable under the route decorator (@app.get(...) first, "
+            "then @durable(...)) or register the function @durable returned.",
+            route.endpoint,
+        )
 
 
 _DJANGO: Final = "django"

@@ -1,0 +1,1 @@
+"""A tiny Django project for the `@durable` tests: settings, URLs and views, no database."""
