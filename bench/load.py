@@ -40,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 STAMP = re.compile(rb"T(\d+\.\d{6}) (\d{6}) ")
 DURABLE = ("memory", "sqlite", "redis")
+READ_TIMEOUT = 30.0  # a stream silent this long counts as an error, not a hang
 
 
 def free_port() -> int:
@@ -177,7 +178,7 @@ async def read_stream(
     )
     last, tail, first = -1, b"", True
     try:
-        while data := await reader.read(1 << 16):
+        while data := await asyncio.wait_for(reader.read(1 << 16), READ_TIMEOUT):
             now = time.time()
             for match in STAMP.finditer(tail + data):
                 index = int(match.group(2))
@@ -196,7 +197,7 @@ async def read_stream(
                     stats.latencies.append(now - produced)
                 first = False
             tail = data[-40:]
-    except OSError:
+    except (OSError, asyncio.TimeoutError):
         stats.errors += 1
     finally:
         writer.close()

@@ -29,6 +29,8 @@ from starlette.routing import Route
 
 VARIANT = os.environ.get("LOAD_VARIANT", "bare")
 REDIS_URL = os.environ.get("LOAD_REDIS", "redis://127.0.0.1:6379/0")
+# The peers make a Redis connection per reader (pub/sub); redis-py 8 caps a pool at 100.
+PEER_REDIS_URL = REDIS_URL + ("&" if "?" in REDIS_URL else "?") + "max_connections=100000"
 
 
 def chunk(i: int, size: int) -> str:
@@ -72,7 +74,7 @@ async def live_frs(request: Request) -> Response:
     from redis.asyncio import Redis
 
     if "ctx" not in _peer:
-        _peer["ctx"] = ResumableStream(Redis.from_url(REDIS_URL), prefix="bench-frs")
+        _peer["ctx"] = ResumableStream(Redis.from_url(PEER_REDIS_URL), prefix="bench-frs")
     ctx = _peer["ctx"]
     key = request.headers["durable-key"]
     n, rate, size = params(request)
@@ -94,7 +96,7 @@ async def live_rs(request: Request) -> Response:
     if "ctx" not in _peer:
         # Its README's `create_resumable_stream_context(redis_url=...)` raises TypeError in
         # 0.2.0 (the options dataclass has no redis_url): pass connected clients instead.
-        publisher, subscriber = RedisPublisher(REDIS_URL), RedisSubscriber(REDIS_URL)
+        publisher, subscriber = RedisPublisher(PEER_REDIS_URL), RedisSubscriber(PEER_REDIS_URL)
         await publisher.connect()
         await subscriber.connect()
         options = CreateResumableStreamContextOptions(

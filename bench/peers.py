@@ -166,7 +166,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [LABELS[r["variant"]].replace("durable_asgi ", "durable\n") for r in rows]
+    names = [
+        LABELS[r["variant"]].replace("durable_asgi ", "durable_asgi\n").replace("e-", "e-\n")
+        for r in rows
+    ]
     colors = ["#999999" if r["variant"] == "bare" else
               "#2b6cb0" if r["variant"] in ("memory", "sqlite", "redis") else "#c05621"
               for r in rows]  # fmt: skip
@@ -181,7 +184,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ]  # fmt: skip
     for ax, values, title in panels:
         ax.bar(range(len(rows)), values, color=colors)
-        ax.set_xticks(range(len(rows)), names, fontsize=8)
+        ax.set_xticks(range(len(rows)), names, fontsize=7)
         ax.set_title(title, fontsize=10)
         for i, v in enumerate(values):
             ax.annotate(f"{v:,.0f}" if v >= 10 else f"{v:.1f}", (i, v), ha="center", va="bottom",
