@@ -9,6 +9,7 @@ trio. Django is asyncio-only, as its ASGI handler is.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Host, Mount, Route, Router
 
-from durable_asgi import ConfigurationError, DurableMiddleware, MemoryStore, durable, keys
+from durable_asgi import ConfigurationError, DurableMiddleware, MemoryStore, _routes, durable, keys
 from durable_asgi._routes import RouteResolver, options_of
 from durable_asgi._types import ASGIApp, Receive, Scope, Send
 
@@ -572,3 +573,27 @@ async def test_django_without_the_middleware_says_how_to_add_it(django_app: ASGI
     with pytest.raises(ConfigurationError, match="under WSGI"):
         await anyio.to_thread.run_sync(partial(Client().get, "/sync/", {"id": "1"}))
     assert counter.calls == {}
+
+
+@asyncio_only
+@pytest.mark.parametrize("routes", ["all", "decorated"])
+async def test_django_first_request_imports_the_urlconf_before_routing(
+    django_app: ASGIApp, routes: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.test.utils import override_settings
+
+    from . import django_project
+    from .django_project.views import BODY as DJANGO_BODY
+    from .django_project.views import counter
+
+    for module in ("lazy_urls", "lazy_views"):  # so importing them runs them again
+        monkeypatch.delitem(sys.modules, f"{django_project.__name__}.{module}", raising=False)
+        monkeypatch.delattr(django_project, module, raising=False)
+    # As in a fresh process: no @durable has run yet (the flag is process-wide).
+    monkeypatch.setattr(_routes, "in_use", False)
+    with override_settings(ROOT_URLCONF="tests.django_project.lazy_urls"):
+        app = wrap(django_app, routes=routes)
+        first = await call(app, "/lazy/", headers={"Durable-Key": "k"})
+        again = await call(app, "/lazy/", headers={"Durable-Key": "k"})
+    assert_replayed(first, again, DJANGO_BODY)
+    assert counter.calls == {"lazy": 1}

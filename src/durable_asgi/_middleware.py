@@ -156,6 +156,8 @@ class DurableMiddleware:
                 and await serve_asset(path[len(client) :], scope, send)
             ):
                 return
+            if not self._routes.ready:
+                self._routes.prepare()  # e.g. imports Django's URLconf: its views may be @durable
             if _routes.in_use or self.routes == "decorated":
                 await self._call_routed(scope, receive, send)
                 return

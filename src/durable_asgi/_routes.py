@@ -210,16 +210,30 @@ class RouteResolver:
 
     def __init__(self, app: object) -> None:
         self.app = app
-        self._target: tuple[object, str | None] | None = None
+        self.ready = False
+        self._target: tuple[object, str | None] = (None, None)
+
+    def prepare(self) -> None:
+        """Find the router (on the first request: Starlette builds its middleware stack
+        lazily), and import what defines the routes, so their `@durable` decorators have run
+        before the middleware asks whether there are any (`in_use`). Django imports its URLconf
+        (and so the views) only when it resolves its first request."""
+        self.ready = True
+        self._target = _router_of(self.app) or (None, None)
+        if self._target[0] is _DJANGO:
+            try:
+                from django.urls import get_resolver  # type: ignore[import-untyped,unused-ignore]
+
+                get_resolver().url_patterns  # noqa: B018 (imports the URLconf)
+            except Exception:
+                # Django meets the same error when it resolves the request, and reports it.
+                logger.debug("durable_asgi: importing the URLconf failed", exc_info=True)
 
     def resolve(self, scope: Scope) -> RouteOptions | None:
-        if not in_use:
-            return None
-        if self._target is None:
-            # Found on first use: Starlette builds its middleware stack lazily.
-            self._target = _router_of(self.app) or (None, None)
+        if not self.ready:
+            self.prepare()
         router, root_path = self._target
-        if router is None:
+        if router is None or not in_use:
             return None
         try:
             if router is _DJANGO:
@@ -309,8 +323,8 @@ def _match_app(app: object, scope: Scope, depth: int) -> RouteOptions | None:
 
 
 def _resolve_django(scope: Scope) -> RouteOptions | None:
-    from django.conf import settings  # type: ignore[import-untyped]
-    from django.urls import Resolver404, get_resolver  # type: ignore[import-untyped]
+    from django.conf import settings  # type: ignore[import-untyped,unused-ignore]
+    from django.urls import Resolver404, get_resolver  # type: ignore[import-untyped,unused-ignore]
 
     path: str = scope["path"]
     script_name = settings.FORCE_SCRIPT_NAME or scope.get("root_path", "") or ""
