@@ -278,12 +278,6 @@ async def test_fuzzed_json_bodies(body: bytes) -> None:
         assert len(ids) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="BUG: DurableRequest.json() lets RecursionError from deeply nested JSON escape "
-    "keys.json_body (it catches only ValueError): the client gets a 500, not pass-through/400",
-)
 async def test_deeply_nested_json_body_is_not_a_500() -> None:
     app = StreamApp([b"j"])
     mw = DurableMiddleware(app, store=MemoryStore(), key=keys.json_body("id"))

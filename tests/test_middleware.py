@@ -648,3 +648,14 @@ async def test_a_store_failing_mid_stream_ends_the_response_abnormally() -> None
     assert not result.complete
     assert result.body == BODY[:10]
     assert app.finished == 1  # the handler itself was not disturbed
+
+
+async def test_lifespan_is_spoken_for_apps_that_return_without_reading_it() -> None:
+    async def quiet(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # ignores lifespan without raising
+
+    store = RecordingStore()
+    sent = await run_lifespan(DurableMiddleware(quiet, store=store))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert store.events == ["open", "close"]

@@ -145,3 +145,15 @@ def test_store_urls_carry_options(tmp_path: object) -> None:
     for bad in ("memory://?nope=1", "sqlite:///x.db?poll_interval=abc", "ftp://x", "sqlite://"):
         with pytest.raises(ValueError, match=r"option|valid|unknown store|names no file"):
             store_from_url(bad)
+
+
+def test_replay_headers_keep_durable_responses_out_of_shared_caches() -> None:
+    def cache(headers: list[tuple[bytes, bytes]], offset: int) -> list[bytes]:
+        out = replay_headers(
+            headers, offset=offset, state="complete", replay=True, total=9, rewrite_body=False
+        )
+        return [v for k, v in out if k.lower() == b"cache-control"]
+
+    assert cache([], 0) == [b"no-store"]
+    assert cache([(b"Cache-Control", b"private, max-age=60")], 0) == [b"private, max-age=60"]
+    assert cache([(b"cache-control", b"public, max-age=60")], 3) == [b"no-store"]

@@ -247,12 +247,6 @@ async def test_non_printable_and_long_keys_are_hashed_in_the_store(stores: Store
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="HARDENING GAP: durable responses carry no Cache-Control/Vary of their own, so a "
-    "shared cache may store a resumed (partial, 200) body as the whole resource, or serve one "
-    "key's stream to a request with another Durable-Key on the same URL",
-)
 async def test_durable_responses_are_not_stored_by_shared_caches() -> None:
     from durable_asgi import MemoryStore
 

@@ -253,8 +253,10 @@ class DurableMiddleware:
             if app_received:
                 raise
         else:
-            return
-        # The app doesn't speak lifespan: speak it for the store.
+            if app_received:
+                return
+        # The app doesn't speak lifespan (it raised, or returned, before reading a message):
+        # speak it ourselves, for the store.
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":

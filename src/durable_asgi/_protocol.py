@@ -131,8 +131,15 @@ def replay_headers(
     """
     out: RawHeaders = []
     length: int | None = None
+    partial = offset > 0
+    app_cache_control = False
     for key, value in headers:
-        if key == b"content-length":
+        name = key.lower()
+        if name == b"cache-control":
+            if partial:
+                continue  # a partial body must never be cached as the resource
+            app_cache_control = True
+        elif name == b"content-length":
             try:
                 length = int(value)
             except ValueError:
@@ -144,6 +151,9 @@ def replay_headers(
             out.append((b"content-length", str(total - offset).encode()))
         elif length is not None and length >= offset:
             out.append((b"content-length", str(length - offset).encode()))
+    if partial or not app_cache_control:
+        # Durable responses vary by key and offset, which shared caches can't see.
+        out.append((b"cache-control", b"no-store"))
     out.append((b"durable-offset", str(offset).encode()))
     out.append((b"durable-state", state.encode()))
     if replay:

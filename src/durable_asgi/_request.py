@@ -127,4 +127,8 @@ class DurableRequest:
 
     async def json(self) -> Any:
         """The body parsed as JSON; raises `ValueError` when it isn't."""
-        return json.loads(await self.body())
+        body = await self.body()
+        try:
+            return json.loads(body)
+        except RecursionError:
+            raise ValueError("JSON body nested too deeply") from None
