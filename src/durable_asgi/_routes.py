@@ -65,7 +65,7 @@ in_use = False
 """True once any `@durable` decorator has run in this process."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RouteConfig:
     """The options one request runs with: the middleware's, with its route's overrides."""
 
