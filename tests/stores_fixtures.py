@@ -42,6 +42,9 @@ BACKENDS = [
     pytest.param(("redis", "asyncio"), id="redis-asyncio", marks=pytest.mark.redis),
 ]
 
+#: The backends whose instances share streams (several instances = several workers).
+SHARED_BACKENDS = [p for p in BACKENDS if p.values[0][0] != "memory"]
+
 #: Databases of the private redis-server: one per test, flushed after it.
 _REDIS_DATABASES = 256
 _redis_db = itertools.count(1)

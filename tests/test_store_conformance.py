@@ -25,6 +25,7 @@ from durable_asgi.exceptions import ConfigurationError
 from durable_asgi.stores import Lease, LeaseLost, Store, StreamInfo, stream_id
 
 from .stores_fixtures import (  # noqa: F401  (fixtures)
+    SHARED_BACKENDS,
     Ids,
     StoreFactory,
     anyio_backend,
@@ -196,11 +197,10 @@ async def test_exactly_one_of_many_concurrent_claims_wins(store: Store, ids: Ids
     assert all(r.generation == leases[0].token for r in results if isinstance(r, StreamInfo))
 
 
+@pytest.mark.parametrize("backend", SHARED_BACKENDS, indirect=True)
 async def test_concurrent_claims_across_instances_of_a_shared_store(
     stores: StoreFactory, ids: Ids
 ) -> None:
-    if not stores.shared:
-        pytest.skip(f"{stores.kind} stores are not shared between instances")
     instances = [await stores.new() for _ in range(3)]
     sids = [ids() for _ in range(10)]
     winners: dict[str, int] = {}
@@ -446,11 +446,10 @@ async def test_wait_times_out_without_a_change(store: Store, ids: Ids) -> None:
     await store.append(lease, b"x", chunks=1)  # the store is still fine afterwards
 
 
+@pytest.mark.parametrize("backend", SHARED_BACKENDS, indirect=True)
 async def test_wait_wakes_up_on_a_change_made_by_another_instance(
     stores: StoreFactory, ids: Ids
 ) -> None:
-    if not stores.shared:
-        pytest.skip(f"{stores.kind} stores are not shared between instances")
     producer, follower = await stores.new(), await stores.new()
     lease = await claim(producer, ids())
     info = await info_of(follower, lease.stream_id)
