@@ -143,13 +143,6 @@ async def test_a_failed_stream_raises_stream_failed_and_never_reruns(setup: Setu
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    reason="server: a resume (Durable-Offset > 0) of a failed stream answers 416 instead of "
-    "the stored bytes from that offset then an abnormal end, so a client that lost the last "
-    "bytes before the failure (browsers drop a body's queued chunks when it errors) can't get "
-    "them; aborted streams are served this way already",
-    strict=True,
-)
 @pytest.mark.parametrize("setup", [{"fail_at": 20}], indirect=True)
 async def test_resuming_a_failed_stream_gets_its_stored_bytes_then_the_failure(
     setup: Setup,

@@ -659,3 +659,27 @@ async def test_lifespan_is_spoken_for_apps_that_return_without_reading_it() -> N
     sent = await run_lifespan(DurableMiddleware(quiet, store=store))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert store.events == ["open", "close"]
+
+
+async def test_an_explicit_offset_of_zero_only_resumes() -> None:
+    app = StreamApp()
+    mw = durable(app, on_finished="rerun")
+    absent = await call(mw, "/s", headers={**KEY, "Durable-Offset": "0"})
+    assert absent.status == 416 and app.calls == 0
+    await call(mw, "/s", headers=KEY)
+    # A reconnect at byte 0 replays the finished turn; it never starts a new one.
+    again = await call(mw, "/s", headers={**KEY, "Durable-Offset": "0"})
+    assert again.body == BODY and again.headers["durable-replay"] == "true"
+    assert app.calls == 1
+
+
+async def test_resuming_a_failed_stream_serves_its_bytes_then_fails() -> None:
+    app = StreamApp(fail_at=10)
+    mw = durable(app)
+    with pytest.raises(RuntimeError):
+        await call(mw, "/s", headers=KEY)
+    resumed = await call(mw, "/s", headers={**KEY, "Durable-Offset": "30"})
+    assert resumed.headers["durable-state"] == "failed"
+    assert resumed.body == b"".join(CHUNKS[:10])[30:]
+    assert not resumed.complete
+    assert app.calls == 1

@@ -24,17 +24,18 @@ def h(**headers: str) -> list[tuple[bytes, bytes]]:
 @pytest.mark.parametrize(
     ("headers", "sse", "expected"),
     [
-        ({}, False, 0),
+        ({}, False, None),
+        ({"Durable_Offset": "0"}, False, 0),
         ({"Durable_Offset": "12"}, False, 12),
         ({"Durable_Offset": " 7 "}, False, 7),
         ({"Range": "bytes=30-"}, False, 30),
         ({"Durable_Offset": "5", "Range": "bytes=30-"}, False, 5),
         ({"Last_Event_ID": "40"}, True, 40),
-        ({"Last_Event_ID": "40"}, False, 0),
-        ({"Last_Event_ID": ""}, True, 0),
+        ({"Last_Event_ID": "40"}, False, None),
+        ({"Last_Event_ID": ""}, True, None),
     ],
 )
-def test_parse_offset(headers: dict[str, str], sse: bool, expected: int) -> None:
+def test_parse_offset(headers: dict[str, str], sse: bool, expected: int | None) -> None:
     assert parse_offset(h(**headers), sse_ids=sse) == expected
 
 

@@ -260,10 +260,14 @@ class Engine:
         self.store = store
         self.producers: dict[str, Producer] = {}
         self._opened = False
-        self._open_lock = anyio.Lock()
+        # Made on first use: a lock made here would belong to whichever event loop happened
+        # to be running when the middleware was built.
+        self._open_lock: anyio.Lock | None = None
 
     async def ensure_open(self) -> None:
         if not self._opened:
+            if self._open_lock is None:
+                self._open_lock = anyio.Lock()
             async with self._open_lock:
                 if not self._opened:
                     await self.store.open()

@@ -386,13 +386,14 @@ class _Exchange:
             receive = replay
         await self.middleware.app(self.scope, receive, self.send)
 
-    async def _stream(self, offset: int, body: bytes) -> None:
+    async def _stream(self, offset: int | None, body: bytes) -> None:
         mw = self.middleware
         store, options = mw.engine.store, self.config.stream
-        if offset > 0:
-            # A resume never starts a handler: there must be a stream to resume.
+        if offset is not None:
+            # A resume never starts a handler: there must be a stream to resume. A failed one
+            # still serves its stored bytes (then ends abnormally), like an aborted one.
             info = await store.info(self.stream_id)
-            if info is None or is_claimable(info):
+            if info is None or (is_claimable(info) and info.state != "failed"):
                 state = "absent" if info is None else info.state
                 await send_json(
                     self.send,

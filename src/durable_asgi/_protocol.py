@@ -59,10 +59,11 @@ _NOT_STORED = frozenset(
 )
 
 
-def parse_offset(raw: RawHeaders, *, sse_ids: bool) -> int:
-    """The byte offset the client asks to resume from (0 when it asks for none).
+def parse_offset(raw: RawHeaders, *, sse_ids: bool) -> int | None:
+    """The byte offset the client asks to resume from, or None when it asks for no resume.
 
-    Raises `BadRequest` for malformed values.
+    An explicit offset — even 0 — is a resume: it joins or replays a stream and never starts
+    the handler. Raises `BadRequest` for malformed values.
     """
     value = header(raw, OFFSET)
     if value is not None:
@@ -82,11 +83,11 @@ def parse_offset(raw: RawHeaders, *, sse_ids: bool) -> int:
         if value is not None:
             text = value.decode("latin-1").strip()
             if not text:
-                return 0
+                return None
             if not _DIGITS.fullmatch(text):
                 raise BadRequest(f"Last-Event-ID must be a byte offset, got {text[:40]!r}")
             return int(text)
-    return 0
+    return None
 
 
 def parse_control(raw: RawHeaders) -> Control | None:
