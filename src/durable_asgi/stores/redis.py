@@ -17,6 +17,11 @@ SHA-256 (a raw tag never starts with ``#``, so the two forms cannot collide).
   `finish` also check the body offset this process expects, so a write redis-py retries after a
   dropped connection is not applied twice, and a stream that lost bytes in a Redis restart
   fails instead of completing.
+- **Batching**: every script goes through one queue; a single task sends what is queued as one
+  pipeline (one round trip and one pooled connection for many streams' reads and writes, in
+  queue order), so a thousand streams don't each wait for a connection of the bounded pool and
+  a lease renewal never queues behind a thousand round trips. A script whose caller was
+  cancelled before it was sent is dropped.
 - **Reads** find the entry holding offset ``n`` with ``XREVRANGE body n-1 - COUNT 1`` and take
   the rest with ``XRANGE``, in one script together with the metadata snapshot.
 - **wait()**: this process's own writes wake its readers through a `Notifier`, no round trip.
@@ -84,6 +89,8 @@ MAX_ENTRY = 64 << 10
 EV_MARGIN_MS = 60_000
 #: Longest ttl we store (Redis and Lua doubles are happy with it).
 MAX_TTL = 10 * 365 * 86400.0
+#: Most scripts sent in one pipeline by the batcher.
+MAX_PIPELINE = 256
 
 # -- Lua ---------------------------------------------------------------------------------------
 
@@ -510,6 +517,11 @@ class RedisStore:
         self._ends: dict[str, int] = {}
         #: Streams this process produces: stream id -> (lease token, latest version).
         self._producing: dict[str, tuple[str, int]] = {}
+        #: Scripts waiting for the batcher, which sends them as pipelines (one round trip and
+        #: one pooled connection for many streams' commands).
+        self._queue: list[tuple[_Script, Sequence[str], tuple[Any, ...], asyncio.Future[Any]]]
+        self._queue = []
+        self._flusher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         where = self._url if self._url is not None else repr(self._client)
@@ -572,16 +584,82 @@ class RedisStore:
 
     async def _eval(self, script: _Script, keys: Sequence[str], *args: bytes | str | int) -> Any:
         client = self._redis()
+        if isinstance(client, RedisCluster):  # keys of one call share a slot, a batch doesn't
+            return await self._eval_one(client, script, keys, args)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((script, keys, args, future))
+        if self._flusher is None:  # one at a time: scripts run in the order they were queued
+            self._flusher = asyncio.create_task(self._flush(client))
+        return await future
+
+    async def _flush(self, client: Redis) -> None:
+        """Send what is queued as pipelines (scripts run in queue order) until nothing is."""
+        try:
+            await self._flush_queue(client)
+        finally:
+            self._flusher = None
+
+    async def _flush_queue(self, client: Redis) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:MAX_PIPELINE], self._queue[MAX_PIPELINE:]
+            # A caller cancelled before its script was sent: don't send it (it would land
+            # after the caller's next write).
+            batch = [item for item in batch if not item[3].done()]
+            if not batch:
+                continue
+            if len(batch) == 1:
+                script, keys, args, future = batch[0]
+                try:
+                    result = await self._eval_one(client, script, keys, args)
+                except Exception as exc:
+                    if not future.done():
+                        future.set_exception(exc)
+                else:
+                    if not future.done():
+                        future.set_result(result)
+                continue
+            pipe = client.pipeline(transaction=False)
+            for script, keys, args, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                for script, _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(StoreError(f"Redis {script.name} failed: {exc!r}"))
+                continue
+            for (script, keys, args, future), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, NoScriptError):  # not loaded yet (or flushed): send it
+                    try:
+                        reply = await self._eval_one(client, script, keys, args)
+                    except Exception as exc:
+                        reply = exc
+                elif isinstance(reply, ResponseError):
+                    reply = self._error(script, reply)
+                if future.done():
+                    continue
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    @staticmethod
+    def _error(script: _Script, exc: ResponseError) -> StoreError:
+        message = str(exc)
+        if message.startswith("OOM"):
+            return StoreFull(f"Redis is full (maxmemory): {message}")
+        return StoreError(f"Redis {script.name} failed: {message}")
+
+    async def _eval_one(
+        self, client: _Client, script: _Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
         try:
             try:
                 return await client.evalsha(script.sha, len(keys), *keys, *args)
             except NoScriptError:
                 return await client.eval(script.source, len(keys), *keys, *args)
         except ResponseError as exc:
-            message = str(exc)
-            if message.startswith("OOM"):
-                raise StoreFull(f"Redis is full (maxmemory): {message}") from exc
-            raise StoreError(f"Redis {script.name} failed: {message}") from exc
+            raise self._error(script, exc) from exc
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis {script.name} failed: {exc!r}") from exc
 
@@ -694,6 +772,8 @@ class RedisStore:
                     task.result()
             tail.resets += 1
             self._notifier.notify(stream_id)
+        if self._flusher is not None:  # let queued commands finish
+            await asyncio.wait([self._flusher])
         if self._url is not None and self._client is not None:
             clients = (self._client, self._tail_client)
             self._client = self._tail_client = None

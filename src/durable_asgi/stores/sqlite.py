@@ -12,12 +12,18 @@ Design, in brief:
   the statement that makes the change, so a lost lease can never write. Claims run in
   ``BEGIN IMMEDIATE`` transactions: atomic across processes.
 - An append is one fenced INSERT of a segment; a trigger advances the stream's size, chunk
-  count and version in the same statement. One statement is atomic without an explicit
-  transaction and costs one thread hop, not four (WAL + ``synchronous=NORMAL``: no fsync per
-  commit either); the engine's group commit already coalesces bursts of chunks into one append.
-  Writes are shielded from cancellation, so none is left half-done on the shared connection.
+  count and version in the same statement (WAL + ``synchronous=NORMAL``: no fsync per commit).
+- Producer writes (start, append, renew, finish) and `attach` go through a *batch writer*: one
+  task commits everything queued, from every stream, in one transaction and one thread hop,
+  then answers each caller (`LeaseLost` for a write whose fence matched no row). Writes of one
+  stream commit in the order they were queued; none is acknowledged before its commit. Claims,
+  aborts, deletes and purges take the same writer connection, in their own transactions.
+- Streams this process produces are also kept in memory: the snapshot committed last and the
+  newest bytes (`TAIL_CACHE`), so its readers' `read`, `info` and `wait` need no query; a
+  change made elsewhere (abort, delete) is noticed by the poller and drops the copy.
 - Readers in this process are woken by a `Notifier` after every write; readers in other
-  processes can't be, so `wait` also polls the stream's version every `poll_interval`.
+  processes can't be, so one poller task per store queries the version of every stream its
+  readers wait on, in one query every `poll_interval`.
 
 aiosqlite is asyncio-only: under trio, `open` raises `ConfigurationError` (use `MemoryStore`).
 """
@@ -31,7 +37,8 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 import anyio
@@ -62,6 +69,72 @@ SCHEMA_VERSION = 1
 MAX_SEGMENT = 1 << 20
 #: Streams listed per query by `scan` (no read transaction stays open between pages).
 SCAN_PAGE = 256
+#: Most queued writes committed in one transaction by the batch writer.
+MAX_BATCH = 512
+#: Stream ids per ``IN (...)`` list (well under SQLite's bound-parameter limit).
+IDS_PER_QUERY = 500
+#: Recently appended bytes kept in memory per stream this process produces, to serve its
+#: local readers without a query.
+TAIL_CACHE = 64 << 10
+#: `_Known` of a stream that is absent (or expired).
+_ABSENT = ("", -1)
+
+
+@dataclass
+class _Op:
+    """One fenced write waiting for the batch writer: `sql` run with each of `params` (several
+    for an append split into segments: all or none of them land)."""
+
+    stream_id: str
+    sql: str
+    params: list[dict[str, Any]]
+    kind: str  # "append", "start", "renew", "finish", "update", "attach"
+    data: bytes = b""
+    ok: bool = False
+    future: asyncio.Future[bool] | None = None
+
+
+@dataclass
+class _Cached:
+    """The latest committed snapshot of a stream this process produces, and the newest bytes
+    of its body (contiguous, ending at ``info.offset``), for reads that need no query."""
+
+    info: StreamInfo
+    base: int
+    headers: str | None = None
+    """``streams.headers`` as stored, so the parsed ``info.headers`` is reused while equal."""
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+def _run_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[sqlite3.Row]:
+    """In the writer's thread: every op in one transaction, then the rows they touched."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for op in ops:
+            if len(op.params) == 1:
+                op.ok = conn.execute(op.sql, op.params[0]).rowcount == 1
+            else:
+                conn.execute("SAVEPOINT op")
+                op.ok = conn.executemany(op.sql, op.params).rowcount == len(op.params)
+                if not op.ok:
+                    conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+        ids = list(dict.fromkeys(op.stream_id for op in ops))
+        rows: list[sqlite3.Row] = []
+        for at in range(0, len(ids), IDS_PER_QUERY):
+            chunk = ids[at : at + IDS_PER_QUERY]
+            rows += conn.execute(
+                f"SELECT {_COLUMNS} FROM streams WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return rows
+
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS streams (
@@ -186,6 +259,15 @@ class SQLiteStore:
         self._write_lock = anyio.Lock()
         self._notifier = Notifier()
         self._next_purge = 0.0
+        # The batch writer: queued fenced writes of every stream, committed together.
+        self._queue: list[_Op] = []
+        self._flusher: asyncio.Task[None] | None = None
+        # What this process knows of streams: (generation, version) per stream (monotonic per
+        # generation), the tails of the streams it produces, and one poller for all waiters.
+        self._known: dict[str, tuple[str, int]] = {}
+        self._cache: dict[str, _Cached] = {}
+        self._watchers: dict[str, int] = {}
+        self._poller: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r}, poll_interval={self.poll_interval})"
@@ -226,6 +308,17 @@ class SQLiteStore:
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
+            poller, self._poller = self._poller, None
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(BaseException):
+                    await poller
+            flusher = self._flusher
+            if flusher is not None:  # commit what is queued
+                with contextlib.suppress(BaseException):
+                    await flusher
+            self._cache.clear()
+            self._known.clear()
             async with self._open_lock:
                 async with self._write_lock:  # let a transaction in flight finish
                     writer, self._writer = self._writer, None
@@ -297,17 +390,122 @@ class SQLiteStore:
                     raise StoreError(f"SQLite store {self.path!r}: {exc}") from exc
         return result
 
-    async def _update_owned(self, lease: Lease, assignments: str, **params: Any) -> None:
+    async def _batched(self, op: _Op) -> bool:
+        """Queue `op` for the batch writer and wait (shielded) until it is committed: True if
+        it applied (its fence held). Writes of one stream commit in the order they were queued."""
+        await self._connections()
+        op.future = asyncio.get_running_loop().create_future()
+        self._queue.append(op)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([op.future])
+        return op.future.result()
+
+    async def _flush(self) -> None:
+        """The batch writer: commits everything queued in one transaction (one thread hop),
+        while the next batch queues up behind it."""
+        try:
+            while self._queue:
+                ops, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    async with self._write_lock:
+                        writer = self._writer
+                        if writer is None:
+                            raise StoreError(f"SQLite store {self.path!r} was closed while in use")
+                        conn = cast(Any, writer)._conn
+                        with anyio.CancelScope(shield=True):  # never half-done
+                            rows = await cast(Any, writer)._execute(_run_batch, conn, ops)
+                except BaseException as exc:
+                    error = exc
+                    if isinstance(exc, (sqlite3.Error, ValueError)):
+                        error = StoreError(f"SQLite store {self.path!r}: {exc}")
+                    for op in ops:
+                        assert op.future is not None
+                        if not op.future.done():
+                            op.future.set_exception(error)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                self._committed(ops, rows)
+        finally:
+            self._flusher = None
+            for op in self._queue if self._writer is None else ():
+                assert op.future is not None
+                if not op.future.done():
+                    op.future.set_exception(StoreError(f"SQLite store {self.path!r} was closed"))
+
+    def _committed(self, ops: list[_Op], rows: list[sqlite3.Row]) -> None:
+        """A batch committed: refresh what this process knows, answer the callers, wake."""
+        appended: dict[str, list[bytes]] = {}
+        for op in ops:
+            if op.kind in ("append", "start") and op.ok:
+                appended.setdefault(op.stream_id, [])
+                if op.data:
+                    appended[op.stream_id].append(op.data)
+        for row in rows:
+            stream_id, generation = row["id"], row["generation"]
+            self._known[stream_id] = (generation, row["version"])  # exact: as committed
+            cached = self._cache.get(stream_id)
+            if row["state"] != "running":
+                if cached is not None:
+                    del self._cache[stream_id]
+                continue
+            parts = appended.get(stream_id)
+            if cached is None or cached.info.generation != generation:
+                if parts is None:  # not produced here (attach): nothing to cache
+                    continue
+                cached = self._cache[stream_id] = _Cached(_to_info(row), base=row["size"])
+                cached.base -= sum(map(len, parts))
+            info = _to_info(row, cached.info if cached.headers == row["headers"] else None)
+            cached.info, cached.headers = info, row["headers"]
+            if parts:
+                start = info.offset - sum(map(len, parts))
+                if cached.base + cached.size != start:  # not contiguous: start afresh
+                    cached.base, cached.parts, cached.size = start, [], 0
+                cached.parts += parts
+                cached.size += info.offset - start
+                while cached.size > TAIL_CACHE and len(cached.parts) > 1:
+                    dropped = cached.parts.pop(0)
+                    cached.base += len(dropped)
+                    cached.size -= len(dropped)
+        for op in ops:
+            if not op.ok and op.kind != "attach":
+                self._cache.pop(op.stream_id, None)
+            assert op.future is not None
+            if not op.future.done():
+                op.future.set_result(op.ok)
+        for stream_id in {op.stream_id for op in ops if op.kind not in ("renew", "attach")}:
+            self._notifier.notify(stream_id)
+
+    def _observe(self, stream_id: str, seen: tuple[str, int], *, exact: bool = False) -> bool:
+        """Record the stream's (generation, version) as seen now; True if that's a change.
+        A same-generation observation older than what we know (a query that raced a commit)
+        is ignored."""
+        known = self._known.get(stream_id)
+        if known is not None and known[0] == seen[0] and known[1] >= seen[1] and not exact:
+            return False
+        self._known[stream_id] = seen
+        cached = self._cache.get(stream_id)
+        if cached is not None and (cached.info.generation, cached.info.version) != seen:
+            del self._cache[stream_id]  # changed elsewhere (abort, delete, takeover)
+        return known != seen
+
+    def _forget(self, stream_id: str) -> None:
+        self._cache.pop(stream_id, None)
+        self._known.pop(stream_id, None)
+
+    async def _update_owned(
+        self, lease: Lease, assignments: str, kind: str = "update", **params: Any
+    ) -> None:
         """One fenced UPDATE of the lease's stream; `LeaseLost` if the lease isn't current."""
-
-        async def body(db: aiosqlite.Connection) -> int:
-            cursor = await db.execute(
-                f"UPDATE streams SET {assignments} WHERE {_OWNED}",
-                {"id": lease.stream_id, "token": lease.token, **params},
-            )
-            return cursor.rowcount
-
-        if await self._write(body, transaction=False) != 1:
+        op = _Op(
+            lease.stream_id,
+            f"UPDATE streams SET {assignments} WHERE {_OWNED}",
+            [{"id": lease.stream_id, "token": lease.token, **params}],
+            kind,
+        )
+        if not await self._batched(op):
             raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
 
     # -- Store protocol ----------------------------------------------------------------------
@@ -349,6 +547,7 @@ class SQLiteStore:
 
         result = await self._write(body)
         if isinstance(result, Lease):
+            self._forget(stream_id)
             self._notifier.notify(stream_id)
         return result
 
@@ -356,11 +555,11 @@ class SQLiteStore:
         await self._update_owned(
             lease,
             "status_code = :status, headers = :headers, version = version + 1, updated_at = :now",
+            "start",
             status=status,
             headers=_dump_headers(headers),
             now=time.time(),
         )
-        self._notifier.notify(lease.stream_id)
 
     async def append(self, lease: Lease, data: bytes, *, chunks: int) -> None:
         owned = {"id": lease.stream_id, "token": lease.token}
@@ -372,43 +571,23 @@ class SQLiteStore:
                     chunks=chunks,
                     now=time.time(),
                 )
-                self._notifier.notify(lease.stream_id)
             elif not await self._query(f"SELECT 1 FROM streams WHERE {_OWNED}", owned):
                 raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
             return
-        if len(data) <= MAX_SEGMENT:
-
-            async def body(db: aiosqlite.Connection) -> bool:
-                cursor = await db.execute(_APPEND, {**owned, "chunks": chunks, "data": data})
-                return cursor.rowcount == 1
-
-            appended = await self._write(body, transaction=False)
-        else:
-            view = memoryview(data)
-            pieces = [
-                {
-                    **owned,
-                    "chunks": 0 if start else chunks,
-                    "data": view[start : start + MAX_SEGMENT],
-                }
-                for start in range(0, len(data), MAX_SEGMENT)
-            ]
-
-            async def body(db: aiosqlite.Connection) -> bool:
-                cursor = await db.executemany(_APPEND, pieces)
-                if cursor.rowcount != len(pieces):
-                    raise LeaseLost(f"lease on {lease.stream_id!r} was lost")  # rolls back
-                return True
-
-            appended = await self._write(body)
-        if not appended:
+        view = memoryview(data)
+        pieces = [
+            {**owned, "chunks": 0 if start else chunks, "data": view[start : start + MAX_SEGMENT]}
+            for start in range(0, len(data), MAX_SEGMENT)
+        ]
+        if len(pieces) == 1:
+            pieces[0]["data"] = data
+        if not await self._batched(_Op(lease.stream_id, _APPEND, pieces, "append", data)):
             raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
-        self._notifier.notify(lease.stream_id)
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
         # Not a visible change: no version bump, no wake-up.
         await self._update_owned(
-            lease, "lease_expires_at = :until", until=time.time() + lease_seconds
+            lease, "lease_expires_at = :until", "renew", until=time.time() + lease_seconds
         )
 
     async def finish(self, lease: Lease, state: FinalState, *, ttl: float, retain: bool) -> None:
@@ -417,15 +596,18 @@ class SQLiteStore:
             lease,
             "state = :state, expires_at = :expires, lease_expires_at = NULL, retain = :retain, "
             "version = version + 1, updated_at = :now",
+            "finish",
             state=state,
             expires=now + ttl,
             retain=int(retain),
             now=now,
         )
-        self._notifier.notify(lease.stream_id)
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         now = time.time()
+        cached = self._cache.get(stream_id)
+        if cached is not None:
+            return effective(cached.info, now)
         rows = await self._query(
             f"SELECT {_COLUMNS} FROM streams WHERE id = :id AND {_LIVE}",
             {"id": stream_id, "now": now},
@@ -437,6 +619,15 @@ class SQLiteStore:
     ) -> tuple[StreamInfo | None, bytes]:
         now = time.time()
         offset = max(offset, 0)
+        cached = self._cache.get(stream_id)
+        if cached is not None and cached.base <= offset <= cached.info.offset:
+            # Written through this process: the newest bytes are in memory.
+            info, parts, at, end = cached.info, [], cached.base, offset + max(limit, 0)
+            for part in cached.parts:
+                if at + len(part) > offset and at < end:
+                    parts.append(part[max(offset - at, 0) : end - at])
+                at += len(part)
+            return effective(info, now), join(parts) if parts else b""
         rows = await self._query(
             _READ, {"id": stream_id, "off": offset, "end": offset + max(limit, 0), "now": now}
         )
@@ -447,40 +638,80 @@ class SQLiteStore:
         return info, join(parts) if parts else b""
 
     async def wait(self, info: StreamInfo, timeout: float) -> None:
-        event = self._notifier.event(info.id)
+        stream_id = info.id
+        event = self._notifier.event(stream_id)
         deadline = anyio.current_time() + timeout
         if info.state == "running" and info.lease_expires_at is not None:
             # The lease running out is a change (`effective` turns the stream `failed`) that
             # nobody writes: wake up for it (spuriously if the lease was renewed since).
             lease_left = info.lease_expires_at - time.time() + 0.001
             deadline = min(deadline, anyio.current_time() + max(lease_left, 0.0))
-        while True:
+        known = self._known.get(stream_id)
+        if known is None or known[0] != info.generation or known[1] < info.version:
+            # Nothing (current) known here: ask the database.
             rows = await self._query(
                 f"SELECT generation, version FROM streams WHERE id = :id AND {_LIVE}",
-                {"id": info.id, "now": time.time()},
+                {"id": stream_id, "now": time.time()},
             )
-            # A deleted and re-claimed stream may be back at the same version: compare both.
-            if not rows or (rows[0]["generation"], rows[0]["version"]) != (
-                info.generation,
-                info.version,
-            ):
-                return
-            remaining = deadline - anyio.current_time()
-            if remaining <= 0:
-                return
-            # Changes made in this process set `event`; other processes' are seen by polling.
-            with anyio.move_on_after(min(remaining, self.poll_interval)):
+            seen = (rows[0]["generation"], rows[0]["version"]) if rows else _ABSENT
+            self._observe(stream_id, seen)
+            known = seen
+        # A deleted and re-claimed stream may be back at the same version: compare both.
+        if known != (info.generation, info.version):
+            return
+        remaining = deadline - anyio.current_time()
+        if remaining <= 0:
+            return
+        # Changes made in this process set `event`; other processes' are seen by the poller.
+        self._watchers[stream_id] = self._watchers.get(stream_id, 0) + 1
+        if self._poller is None:
+            self._poller = asyncio.create_task(self._poll())
+        try:
+            with anyio.move_on_after(remaining):
                 await event.wait()
-                return
+        finally:
+            left = self._watchers.pop(stream_id) - 1
+            if left:
+                self._watchers[stream_id] = left
+
+    async def _poll(self) -> None:
+        """One poller for every stream this process's readers wait on: every `poll_interval`,
+        one query for all of them; wakes the waiters of those that changed."""
+        idle = 0.0
+        try:
+            while idle < 10 * self.poll_interval + 1.0:
+                await anyio.sleep(self.poll_interval)
+                ids = list(self._watchers)
+                if not ids:
+                    idle += self.poll_interval
+                    continue
+                idle = 0.0
+                seen: dict[str, tuple[str, int]] = {}
+                for at in range(0, len(ids), IDS_PER_QUERY):
+                    chunk = ids[at : at + IDS_PER_QUERY]
+                    params = {f"i{n}": sid for n, sid in enumerate(chunk)}
+                    rows = await self._query(
+                        f"SELECT id, generation, version FROM streams WHERE id IN "
+                        f"({', '.join(':' + name for name in params)}) AND {_LIVE}",
+                        {**params, "now": time.time()},
+                    )
+                    seen.update((row["id"], (row["generation"], row["version"])) for row in rows)
+                for stream_id in ids:
+                    if self._observe(stream_id, seen.get(stream_id, _ABSENT)):
+                        self._notifier.notify(stream_id)
+                for stream_id in [s for s in self._known if s not in self._watchers]:
+                    if stream_id not in self._cache:
+                        del self._known[stream_id]
+        except StoreError:
+            for stream_id in list(self._watchers):
+                self._notifier.notify(stream_id)  # let them meet the error themselves
+        finally:
+            if self._poller is asyncio.current_task():
+                self._poller = None
 
     async def attach(self, stream_id: str, delta: int) -> None:
-        async def body(db: aiosqlite.Connection) -> None:
-            await db.execute(
-                "UPDATE streams SET readers = max(0, readers + ?) WHERE id = ?",
-                (delta, stream_id),
-            )
-
-        await self._write(body, transaction=False)
+        sql = "UPDATE streams SET readers = max(0, readers + :delta) WHERE id = :id"
+        await self._batched(_Op(stream_id, sql, [{"id": stream_id, "delta": delta}], "attach"))
 
     async def abort(self, stream_id: str, *, ttl: float) -> bool:
         async def body(db: aiosqlite.Connection) -> int:
@@ -496,6 +727,7 @@ class SQLiteStore:
             return cursor.rowcount
 
         aborted = await self._write(body, transaction=False) == 1
+        self._forget(stream_id)
         if aborted:
             self._notifier.notify(stream_id)
         return aborted
@@ -510,6 +742,7 @@ class SQLiteStore:
             return existed
 
         existed = await self._write(body)
+        self._forget(stream_id)
         self._notifier.notify(stream_id)
         return existed
 
@@ -531,6 +764,7 @@ class SQLiteStore:
 
         expired = await self._write(body)
         for stream_id in expired:
+            self._forget(stream_id)
             self._notifier.notify(stream_id)
         return len(expired)
 
@@ -550,7 +784,9 @@ class SQLiteStore:
             after = rows[-1]["id"]
 
 
-def _to_info(row: sqlite3.Row) -> StreamInfo:
+def _to_info(row: sqlite3.Row, same_headers: StreamInfo | None = None) -> StreamInfo:
+    """The row as a `StreamInfo`; `same_headers`: one whose headers are the row's (not parsed
+    again)."""
     headers = row["headers"]
     return StreamInfo(
         id=row["id"],
@@ -561,7 +797,13 @@ def _to_info(row: sqlite3.Row) -> StreamInfo:
         chunks=row["chunks"],
         readers=row["readers"],
         status_code=row["status_code"],
-        headers=None if headers is None else _load_headers(headers),
+        headers=(
+            same_headers.headers
+            if same_headers is not None
+            else None
+            if headers is None
+            else _load_headers(headers)
+        ),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         expires_at=row["expires_at"],
