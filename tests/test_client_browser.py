@@ -13,9 +13,7 @@ missing one skips these tests; with ``CI=true`` it fails them.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ import pytest
 from durable_asgi import DurableMiddleware, MemoryStore
 from durable_asgi._types import Receive, Scope, Send
 
+from .browser import launched_chromium
 from .proxy import CuttingProxy, running_proxy
 from .servers import running_server
 
@@ -36,16 +35,6 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
 PAGE = (Path(__file__).parent / "pages" / "client.html").read_bytes()
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 #: The model's answer: multi-byte characters, so cuts land inside UTF-8 sequences too.
 TOKENS = [f"{word}{i} " for i, word in enumerate(["durable", "résumé", "→", "😀", "stream"] * 14)]
 MODEL_TEXT = "".join(TOKENS)
@@ -118,37 +107,10 @@ def test_the_middleware_serves_the_client_and_its_declarations() -> None:
         assert f"export class {name}" in types.text
 
 
-def _missing() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed (pip install playwright)"
-    if _chromium() is None:
-        return "chromium is not installed (apt-get install chromium)"
-    return None
-
-
-def _chromium() -> str | None:
-    return shutil.which("chromium") or (
-        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
-    )
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    reason = _missing()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests can't run in CI: {reason}")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with launched_chromium() as chromium:
+        yield chromium
 
 
 @dataclass
