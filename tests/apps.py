@@ -68,8 +68,12 @@ class StreamApp:
             for i, chunk in enumerate(self.chunks):
                 if i == self.pause_at:
                     self.paused.set()
-                    # Bounded waits, so a cancelled app leaves no thread blocked forever.
-                    while not await anyio.to_thread.run_sync(self.release.wait, 0.05):
+                    # Bounded waits, so a cancelled app leaves no thread blocked forever; long
+                    # ones, so the task is almost never runnable while paused (tests use
+                    # `anyio.wait_all_tasks_blocked()`, which needs every task blocked at once).
+                    while not await anyio.to_thread.run_sync(
+                        self.release.wait, 1.0, abandon_on_cancel=True
+                    ):
                         pass
                 if i == self.fail_at:
                     raise RuntimeError("boom")
