@@ -312,6 +312,87 @@ async def test_same_process_wake_needs_no_round_trip(store: RedisStore) -> None:
 
 
 @pytest.mark.anyio
+async def test_own_streams_are_read_from_memory_older_bytes_from_redis(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers in the producer's process read its newest bytes with no round trip; bytes older
+    than the local copy come from Redis; either way the body is byte-for-byte the same."""
+    from durable_asgi.stores import redis as mod
+
+    lease = await claimed(store, "/copy#1")
+    await store.start(lease, 201, ((b"content-type", b"text/plain"),))
+    body = os.urandom(mod.LOCAL_BYTES * 3 + 17)
+    for at in range(0, len(body), 4096):
+        await store.append(lease, body[at : at + 4096], chunks=1)
+    sent: list[str] = []
+    real_eval = store._eval
+
+    async def counting_eval(script: object, *args: object) -> object:
+        sent.append(getattr(script, "name", "?"))
+        return await real_eval(script, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "_eval", counting_eval)
+    recent = len(body) - 1000
+    info, data = await store.read("/copy#1", recent, 1 << 20)
+    assert data == body[recent:]
+    assert info is not None
+    assert (info.state, info.offset, info.status_code, info.chunks) == (
+        "running",
+        len(body),
+        201,
+        (len(body) + 4095) // 4096,
+    )
+    assert sent == []  # from memory
+    info, data = await store.read("/copy#1", 0, 1 << 20)
+    assert data == body
+    assert sent == ["read"]  # the start is older than the copy: from Redis
+    monkeypatch.undo()
+    other = RedisStore(store._url or "", block_seconds=0.5)  # another process's view
+    info2, data2 = await other.read("/copy#1", 0, 1 << 20)
+    assert data2 == body
+    assert info2 is not None
+    assert (info2.version, info2.offset, info2.chunks) == (info.version, info.offset, info.chunks)
+    await other.close()
+
+
+@pytest.mark.anyio
+async def test_local_copy_goes_when_the_stream_ends_or_the_lease_is_lost(
+    server: Server, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lease = await claimed(store, "/gone#1")
+    await store.append(lease, b"abc", chunks=1)
+    await store.finish(lease, "complete", ttl=60, retain=True)
+    assert not store._producing
+    info, data = await store.read("/gone#1", 0, 10)
+    assert info is not None
+    assert (info.state, data) == ("complete", b"abc")
+
+    # aborted by another process: the producer's next write loses the lease and the copy
+    lease = await claimed(store, "/gone#2")
+    await store.append(lease, b"abc", chunks=1)
+    other = RedisStore(server.url)
+    assert await other.abort("/gone#2", ttl=60)
+    await other.close()
+    with pytest.raises(LeaseLost):
+        await store.append(lease, b"d", chunks=1)
+    assert not store._producing
+    info, data = await store.read("/gone#2", 0, 10)
+    assert info is not None
+    assert (info.state, data) == ("aborted", b"abc")
+
+    # Redis failing at `finish`: the copy goes anyway (readers meet the error in Redis)
+    lease = await claimed(store, "/gone#3")
+
+    async def failing_eval(*args: object) -> object:
+        raise StoreError("Redis is down")
+
+    monkeypatch.setattr(store, "_eval", failing_eval)
+    with pytest.raises(StoreError):
+        await store.finish(lease, "complete", ttl=60, retain=True)
+    assert not store._producing
+
+
+@pytest.mark.anyio
 async def test_lease_expiry_fails_the_stream(store: RedisStore) -> None:
     lease = await claimed(store, "/dead#1", lease_seconds=0.2)
     await store.start(lease, 200, ())
@@ -387,6 +468,7 @@ async def test_retried_writes_apply_once(store: RedisStore) -> None:
         for _ in range(2):
             reply = await store._eval(mod._APPEND, keys, lease.token, want, orphan, piece, 1)
             assert reply[0] == b"ok"
+    store._producing.clear()  # read what Redis holds, not this process's copy of its writes
     info, data = await store.read("/retry#1", 0, 1 << 20)
     assert data == b"abc" + big
     assert info is not None

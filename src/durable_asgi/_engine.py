@@ -326,6 +326,8 @@ class Tail:
         self.offset = offset
         self.poll = poll
         self.end = ""
+        self.counted = False
+        """Whether this reader was counted in `StreamInfo.readers` (and must be counted out)."""
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         store, stream_id, generation = self.store, self.stream_id, self.generation
@@ -411,13 +413,24 @@ async def serve_stream(
         rewrite_body=sse,
     )
     tail = Tail(store, stream_id, generation, offset, options.poll_interval)
-    await store.attach(stream_id, +1)
     try:
         await _pump(tail, status, out_headers, SSEIds(offset) if sse else None, receive, send)
     finally:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(StoreError):
+        if tail.counted:
+            with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
                 await store.attach(stream_id, -1)
+
+
+async def _count_in(tail: Tail) -> None:
+    """Count the reader in (`StreamInfo.readers`) alongside its first read, not before it:
+    a shared store's round trip stays off the time to first byte."""
+    with anyio.CancelScope(shield=True):  # so that the count out knows whether to run
+        try:
+            await tail.store.attach(tail.stream_id, +1)
+        except StoreError as exc:
+            logger.warning("durable_asgi: counting a reader of %r failed: %s", tail.stream_id, exc)
+        else:
+            tail.counted = True
 
 
 async def _pump(
@@ -436,6 +449,7 @@ async def _pump(
     error: Exception | None = None
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(watch_disconnect, tasks.cancel_scope)
+        tasks.start_soon(_count_in, tail)
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             async for data in tail:

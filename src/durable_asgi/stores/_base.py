@@ -26,7 +26,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, runtime_checkable
 
 import anyio
@@ -36,6 +36,7 @@ __all__ = [
     "Headers",
     "Lease",
     "LeaseLost",
+    "LocalCopy",
     "Notifier",
     "State",
     "Store",
@@ -289,3 +290,48 @@ class Notifier:
 def join(parts: Sequence[bytes]) -> bytes:
     """`b"".join` without copying a single part."""
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+@dataclass
+class LocalCopy:
+    """What a shared store knows of a stream *this process produces*, as of its last committed
+    write: the snapshot, and the newest bytes of the body (contiguous, ending at
+    ``info.offset``; about `keep` bytes), so that readers in the producer's process — the client
+    that started the stream, and resumers that land on the same worker — need no round trip.
+    The store drops the copy when the stream finishes or the lease is lost."""
+
+    info: StreamInfo
+    keep: int = 64 << 10
+    base: int = 0
+    """The body offset of ``parts[0]``."""
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        self.base = self.info.offset
+
+    def update(self, info: StreamInfo, data: Sequence[bytes] = ()) -> None:
+        """The stream is now `info`, after `data` (ending at ``info.offset``) was stored."""
+        added = sum(map(len, data))
+        if added:
+            start = info.offset - added
+            if self.base + self.size != start:  # not contiguous: start afresh
+                self.base, self.parts, self.size = start, [], 0
+            self.parts += data
+            self.size += added
+            while self.size > self.keep and len(self.parts) > 1:
+                dropped = self.parts.pop(0)
+                self.base += len(dropped)
+                self.size -= len(dropped)
+        self.info = info
+
+    def read(self, offset: int, limit: int) -> bytes | None:
+        """Up to `limit` bytes from `offset`, or None when `offset` isn't held here."""
+        if not self.base <= offset <= self.info.offset:
+            return None
+        parts, at, end = [], self.base, offset + max(limit, 0)
+        for part in self.parts:
+            if at + len(part) > offset and at < end:
+                parts.append(part[max(offset - at, 0) : end - at])
+            at += len(part)
+        return join(parts) if parts else b""

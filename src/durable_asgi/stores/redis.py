@@ -23,7 +23,11 @@ SHA-256 (a raw tag never starts with ``#``, so the two forms cannot collide).
   a lease renewal never queues behind a thousand round trips. A script whose caller was
   cancelled before it was sent is dropped.
 - **Reads** find the entry holding offset ``n`` with ``XREVRANGE body n-1 - COUNT 1`` and take
-  the rest with ``XRANGE``, in one script together with the metadata snapshot.
+  the rest with ``XRANGE``, in one script together with the metadata snapshot. Streams this
+  process produces are also kept in memory as of their last acknowledged write (`LocalCopy`:
+  the snapshot and the newest `LOCAL_BYTES` of body), so the client that started a stream and
+  the readers that join it on the same worker read without a round trip; only older bytes and
+  other processes' streams are read from Redis.
 - **wait()**: this process's own writes wake its readers through a `Notifier`, no round trip.
   For changes made elsewhere, one background task per stream this process waits on (and does
   not produce) runs ``XREAD BLOCK`` on the stream's tiny ``ev`` stream — not on the body, so a
@@ -50,7 +54,7 @@ import hashlib
 import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -66,6 +70,7 @@ from ._base import (
     Headers,
     Lease,
     LeaseLost,
+    LocalCopy,
     Notifier,
     StoreError,
     StoreFull,
@@ -89,6 +94,8 @@ MAX_ENTRY = 64 << 10
 EV_MARGIN_MS = 60_000
 #: Longest ttl we store (Redis and Lua doubles are happy with it).
 MAX_TTL = 10 * 365 * 86400.0
+#: Newest body bytes of each stream this process produces kept in memory for local readers.
+LOCAL_BYTES = 64 << 10
 #: Most scripts sent in one pipeline by the batcher.
 MAX_PIPELINE = 256
 
@@ -515,8 +522,8 @@ class RedisStore:
         self._tails: dict[str, _Tail] = {}
         #: Body offset each of this process's leases expects next (by token); see `_APPEND`.
         self._ends: dict[str, int] = {}
-        #: Streams this process produces: stream id -> (lease token, latest version).
-        self._producing: dict[str, tuple[str, int]] = {}
+        #: Streams this process produces, as of their last write (see `LocalCopy`).
+        self._producing: dict[str, LocalCopy] = {}
         #: Scripts waiting for the batcher, which sends them as pipelines (one round trip and
         #: one pooled connection for many streams' commands).
         self._queue: list[tuple[_Script, Sequence[str], tuple[Any, ...], asyncio.Future[Any]]]
@@ -705,9 +712,6 @@ class RedisStore:
 
     def _changed(self, stream_id: str, version: int, generation: str) -> None:
         """This process changed the stream: wake its local readers at once."""
-        mine = self._producing.get(stream_id)
-        if mine is not None and mine[0] == generation:
-            self._producing[stream_id] = (generation, version)
         tail = self._tails.get(stream_id)
         if tail is not None:
             tail.saw(version, generation)
@@ -787,18 +791,30 @@ class RedisStore:
         token = new_token()
         lease_ms = max(1, _ms(lease_seconds))
         args = (token, -1, _ms(self.orphan_ttl), stream_id, lease_ms, int(replace))
+        sent = time.time()
         reply = await self._eval(_CLAIM, self._keys(stream_id), *args)
         if reply[0] == b"info":
             return self._info(reply[1:])
         self._ends[token] = 0
-        self._producing[stream_id] = (token, int(reply[1]))
-        self._changed(stream_id, int(reply[1]), token)
+        version = int(reply[1])
+        # Judged by this clock from before the claim was sent: never later than Redis's.
+        info = StreamInfo(stream_id, "running", token, version, 0, 0, 0, None, None,
+                          sent, sent, None, sent + lease_seconds)  # fmt: skip
+        self._producing[stream_id] = LocalCopy(info, keep=LOCAL_BYTES)
+        self._changed(stream_id, version, token)
         return Lease(stream_id, token)
 
     def _released(self, lease: Lease) -> None:
         self._ends.pop(lease.token, None)
-        if self._producing.get(lease.stream_id, ("",))[0] == lease.token:
+        mine = self._producing.get(lease.stream_id)
+        if mine is not None and mine.info.generation == lease.token:
             del self._producing[lease.stream_id]
+
+    def _produced(self, lease: Lease, data: bytes = b"", **changes: Any) -> None:
+        """Record a write of ours in the local copy (before waking readers)."""
+        mine = self._producing.get(lease.stream_id)
+        if mine is not None and mine.info.generation == lease.token:
+            mine.update(replace(mine.info, updated_at=time.time(), **changes), (data,))
 
     async def _write(
         self, script: _Script, lease: Lease, *args: bytes | str | int, want: int = -1
@@ -815,6 +831,7 @@ class RedisStore:
 
     async def start(self, lease: Lease, status: int, headers: Headers) -> None:
         reply = await self._write(_START, lease, status, _pack_headers(headers))
+        self._produced(lease, status_code=status, headers=tuple(headers), version=int(reply[1]))
         self._changed(lease.stream_id, int(reply[1]), lease.token)
 
     async def append(self, lease: Lease, data: bytes, *, chunks: int) -> None:
@@ -825,18 +842,27 @@ class RedisStore:
         # the next append goes unchecked (and learns the offset again from its reply).
         want = self._ends.pop(lease.token, -1)
         reply = await self._write(_APPEND, lease, data, chunks, want=want)
-        self._ends[lease.token] = int(reply[2])
+        self._ends[lease.token] = offset = int(reply[2])
+        mine = self._producing.get(lease.stream_id)
+        if mine is not None:
+            chunks += mine.info.chunks
+        self._produced(lease, data, version=int(reply[1]), offset=offset, chunks=chunks)
         self._changed(lease.stream_id, int(reply[1]), lease.token)
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
+        sent = time.time()
         await self._write(_RENEW, lease, max(1, _ms(lease_seconds)))
+        self._produced(lease, lease_expires_at=sent + lease_seconds)
 
     async def finish(self, lease: Lease, state: FinalState, *, ttl: float, retain: bool) -> None:
         want = self._ends.pop(lease.token, -1)
         args = (state, _ms(ttl), "1" if retain else "0", new_token())
-        reply = await self._write(_FINISH, lease, *args, want=want)
+        try:
+            reply = await self._write(_FINISH, lease, *args, want=want)
+        finally:
+            self._released(lease)  # readers now read the final state (or the error) from Redis
+            self._notifier.notify(lease.stream_id)
         self._changed(lease.stream_id, int(reply[1]), lease.token)
-        self._released(lease)
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         reply = await self._eval(_INFO, self._keys(stream_id))
@@ -845,6 +871,11 @@ class RedisStore:
     async def read(
         self, stream_id: str, offset: int, limit: int
     ) -> tuple[StreamInfo | None, bytes]:
+        mine = self._producing.get(stream_id)
+        if mine is not None:
+            data = mine.read(offset, limit)
+            if data is not None:  # ours, and recent enough: no round trip
+                return effective(mine.info), data
         keys = self._keys(stream_id)
         reply = await self._eval(_READ, keys, offset, max(0, min(limit, MAX_READ)))
         if reply is None:
@@ -867,12 +898,12 @@ class RedisStore:
     async def wait(self, info: StreamInfo, timeout: float) -> None:
         stream_id = info.id
         mine = self._producing.get(stream_id)
-        if mine is not None and mine[0] == info.generation:
+        if mine is not None and mine.info.generation == info.generation:
             # This process holds the lease: every change but another process's abort/delete
             # is its own and notifies locally, so no tail. Those two make its next write (or
             # renewal) raise LeaseLost, which notifies too; until then `timeout` bounds it.
             event = self._notifier.event(stream_id)
-            if mine[1] == info.version:
+            if mine.info.version == info.version:
                 await self._notifier.wait(event, timeout)
             return
         tail = self._tails.get(stream_id)
@@ -897,16 +928,16 @@ class RedisStore:
         reply = await self._eval(_ABORT, self._keys(stream_id), "", -1, 0, _ms(ttl))
         if not reply[0]:
             return False
-        self._changed(stream_id, int(reply[1]), reply[2].decode())
         self._producing.pop(stream_id, None)  # if it was ours: the lease is gone
+        self._changed(stream_id, int(reply[1]), reply[2].decode())
         return True
 
     async def delete(self, stream_id: str) -> bool:
         reply = await self._eval(_DELETE, self._keys(stream_id))
         if not reply[0]:
             return False
-        self._changed(stream_id, int(reply[1]), "")
         self._producing.pop(stream_id, None)
+        self._changed(stream_id, int(reply[1]), "")
         return True
 
     async def _meta_keys(self) -> AsyncIterator[tuple[str, str, str]]:

@@ -37,7 +37,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import aiosqlite
@@ -49,6 +49,7 @@ from ._base import (
     Headers,
     Lease,
     LeaseLost,
+    LocalCopy,
     Notifier,
     StoreError,
     StreamInfo,
@@ -95,16 +96,9 @@ class _Op:
 
 
 @dataclass
-class _Cached:
-    """The latest committed snapshot of a stream this process produces, and the newest bytes
-    of its body (contiguous, ending at ``info.offset``), for reads that need no query."""
-
-    info: StreamInfo
-    base: int
+class _Cached(LocalCopy):
     headers: str | None = None
     """``streams.headers`` as stored, so the parsed ``info.headers`` is reused while equal."""
-    parts: list[bytes] = field(default_factory=list)
-    size: int = 0
 
 
 def _run_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[sqlite3.Row]:
@@ -455,20 +449,10 @@ class SQLiteStore:
             if cached is None or cached.info.generation != generation:
                 if parts is None:  # not produced here (attach): nothing to cache
                     continue
-                cached = self._cache[stream_id] = _Cached(_to_info(row), base=row["size"])
-                cached.base -= sum(map(len, parts))
+                cached = self._cache[stream_id] = _Cached(_to_info(row), keep=TAIL_CACHE)
             info = _to_info(row, cached.info if cached.headers == row["headers"] else None)
-            cached.info, cached.headers = info, row["headers"]
-            if parts:
-                start = info.offset - sum(map(len, parts))
-                if cached.base + cached.size != start:  # not contiguous: start afresh
-                    cached.base, cached.parts, cached.size = start, [], 0
-                cached.parts += parts
-                cached.size += info.offset - start
-                while cached.size > TAIL_CACHE and len(cached.parts) > 1:
-                    dropped = cached.parts.pop(0)
-                    cached.base += len(dropped)
-                    cached.size -= len(dropped)
+            cached.headers = row["headers"]
+            cached.update(info, parts or ())
         for op in ops:
             if not op.ok and op.kind != "attach":
                 self._cache.pop(op.stream_id, None)
@@ -592,16 +576,23 @@ class SQLiteStore:
 
     async def finish(self, lease: Lease, state: FinalState, *, ttl: float, retain: bool) -> None:
         now = time.time()
-        await self._update_owned(
-            lease,
-            "state = :state, expires_at = :expires, lease_expires_at = NULL, retain = :retain, "
-            "version = version + 1, updated_at = :now",
-            "finish",
-            state=state,
-            expires=now + ttl,
-            retain=int(retain),
-            now=now,
-        )
+        try:
+            await self._update_owned(
+                lease,
+                "state = :state, expires_at = :expires, lease_expires_at = NULL, "
+                "retain = :retain, version = version + 1, updated_at = :now",
+                "finish",
+                state=state,
+                expires=now + ttl,
+                retain=int(retain),
+                now=now,
+            )
+        finally:
+            # Committed or not, the copy is done with: readers meet the outcome in the file.
+            cached = self._cache.get(lease.stream_id)
+            if cached is not None and cached.info.generation == lease.token:
+                del self._cache[lease.stream_id]
+                self._notifier.notify(lease.stream_id)
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         now = time.time()
@@ -620,14 +611,10 @@ class SQLiteStore:
         now = time.time()
         offset = max(offset, 0)
         cached = self._cache.get(stream_id)
-        if cached is not None and cached.base <= offset <= cached.info.offset:
+        data = None if cached is None else cached.read(offset, limit)
+        if cached is not None and data is not None:
             # Written through this process: the newest bytes are in memory.
-            info, parts, at, end = cached.info, [], cached.base, offset + max(limit, 0)
-            for part in cached.parts:
-                if at + len(part) > offset and at < end:
-                    parts.append(part[max(offset - at, 0) : end - at])
-                at += len(part)
-            return effective(info, now), join(parts) if parts else b""
+            return effective(cached.info, now), data
         rows = await self._query(
             _READ, {"id": stream_id, "off": offset, "end": offset + max(limit, 0), "now": now}
         )
