@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -767,6 +768,45 @@ async def test_sqlite_store_wakes_readers_in_its_process_without_polling(
                 await store.append(lease, b"x", chunks=1)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sqlite_claim_of_a_live_stream_of_this_process_needs_no_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joining a stream this process is writing answers from memory while its snapshot is
+    fresh (younger than poll_interval); a stale one asks the file, and sees what another
+    process did to it."""
+    from durable_asgi.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "durable.db", poll_interval=0.2)
+    other = SQLiteStore(tmp_path / "durable.db")
+    transactions = 0
+    real_run = store._run
+
+    async def counting_run(body: Any) -> Any:
+        nonlocal transactions
+        transactions += 1
+        return await real_run(body)
+
+    try:
+        lease = await claim(store, "/live#1")
+        await store.start(lease, 200, ())
+        await store.append(lease, b"hello", chunks=1)
+        monkeypatch.setattr(store, "_run", counting_run)
+        joined = await store.claim("/live#1", lease_seconds=LONG)
+        assert isinstance(joined, StreamInfo)
+        assert (joined.state, joined.offset, joined.generation) == ("running", 5, lease.token)
+        assert transactions == 0
+        assert await other.abort("/live#1", ttl=LONG)
+        await anyio.sleep(0.25)  # older than poll_interval: the file decides
+        replayed = await store.claim("/live#1", lease_seconds=LONG)
+        assert isinstance(replayed, StreamInfo)
+        assert replayed.state == "aborted"
+        assert transactions == 1
+    finally:
+        await store.close()
+        await other.close()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

@@ -19,8 +19,10 @@ Design, in brief:
   stream commit in the order they were queued; none is acknowledged before its commit. Claims,
   aborts, deletes and purges take the same writer connection, in their own transactions.
 - Streams this process produces are also kept in memory: the snapshot committed last and the
-  newest bytes (`TAIL_CACHE`), so its readers' `read`, `info` and `wait` need no query; a
-  change made elsewhere (abort, delete) is noticed by the poller and drops the copy.
+  newest bytes (`TAIL_CACHE`), so its readers' `read`, `info` and `wait` need no query, and a
+  `claim` of one whose snapshot is younger than `poll_interval` (a live stream) answers without
+  a transaction; a change made elsewhere (abort, delete) is noticed by the poller, or by the
+  producer's next write, and drops the copy.
 - Readers in this process are woken by a `Notifier` after every write; readers in other
   processes can't be, so one poller task per store queries the version of every stream its
   readers wait on, in one query every `poll_interval`.
@@ -32,11 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -99,35 +102,43 @@ class _Op:
 class _Cached(LocalCopy):
     headers: str | None = None
     """``streams.headers`` as stored, so the parsed ``info.headers`` is reused while equal."""
+    confirmed: float = 0.0
+    """When (monotonic) `info` was last read back from the database, in a commit."""
 
 
-def _run_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[sqlite3.Row]:
-    """In the writer's thread: every op in one transaction, then the rows they touched."""
+def _apply_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[sqlite3.Row]:
+    """In the writer's thread, in a transaction: every op, then the rows they touched."""
+    for op in ops:
+        if len(op.params) == 1:
+            op.ok = conn.execute(op.sql, op.params[0]).rowcount == 1
+        else:
+            conn.execute("SAVEPOINT op")
+            op.ok = conn.executemany(op.sql, op.params).rowcount == len(op.params)
+            if not op.ok:
+                conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+    ids = list(dict.fromkeys(op.stream_id for op in ops))
+    rows: list[sqlite3.Row] = []
+    for at in range(0, len(ids), IDS_PER_QUERY):
+        chunk = ids[at : at + IDS_PER_QUERY]
+        rows += conn.execute(
+            f"SELECT {_COLUMNS} FROM streams WHERE id IN ({','.join('?' * len(chunk))})",
+            chunk,
+        ).fetchall()
+    return rows
+
+
+def _in_transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], _T]) -> _T:
+    """In the writer's thread: `body` as one transaction."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for op in ops:
-            if len(op.params) == 1:
-                op.ok = conn.execute(op.sql, op.params[0]).rowcount == 1
-            else:
-                conn.execute("SAVEPOINT op")
-                op.ok = conn.executemany(op.sql, op.params).rowcount == len(op.params)
-                if not op.ok:
-                    conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-        ids = list(dict.fromkeys(op.stream_id for op in ops))
-        rows: list[sqlite3.Row] = []
-        for at in range(0, len(ids), IDS_PER_QUERY):
-            chunk = ids[at : at + IDS_PER_QUERY]
-            rows += conn.execute(
-                f"SELECT {_COLUMNS} FROM streams WHERE id IN ({','.join('?' * len(chunk))})",
-                chunk,
-            ).fetchall()
+        result = body(conn)
         conn.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
-    return rows
+    return result
 
 
 _SCHEMA = (
@@ -361,25 +372,24 @@ class SQLiteStore:
         except (sqlite3.Error, ValueError) as exc:
             raise StoreError(f"SQLite store {self.path!r}: {exc}") from exc
 
-    async def _write(
-        self, body: Callable[[aiosqlite.Connection], Awaitable[_T]], *, transaction: bool = True
-    ) -> _T:
-        """Run `body` on the writer connection, alone, as one transaction (``BEGIN IMMEDIATE``
-        unless it is a single statement), shielded so cancellation can't leave it half-done."""
-        writer, _ = await self._connections()
+    async def _write(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `body` in the writer's thread as one ``BEGIN IMMEDIATE`` transaction — one
+        thread hop, however many statements —, alone on the writer connection and shielded so
+        cancellation can't leave it half-done."""
+        await self._connections()
+        return await self._run(body)
+
+    async def _run(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
+        """`_write` on the connection as it is (never reopening a closed store)."""
         async with self._write_lock:
+            writer = self._writer
+            if writer is None:
+                raise StoreError(f"SQLite store {self.path!r} was closed while in use")
             with anyio.CancelScope(shield=True):
                 try:
-                    if not transaction:
-                        result = await body(writer)
-                    else:
-                        await writer.execute("BEGIN IMMEDIATE")
-                        try:
-                            result = await body(writer)
-                        except BaseException:
-                            await writer.execute("ROLLBACK")
-                            raise
-                        await writer.execute("COMMIT")
+                    result: _T = await cast(Any, writer)._execute(
+                        _in_transaction, cast(Any, writer)._conn, body
+                    )
                 except (sqlite3.Error, ValueError) as exc:
                     raise StoreError(f"SQLite store {self.path!r}: {exc}") from exc
         return result
@@ -403,21 +413,12 @@ class SQLiteStore:
             while self._queue:
                 ops, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 try:
-                    async with self._write_lock:
-                        writer = self._writer
-                        if writer is None:
-                            raise StoreError(f"SQLite store {self.path!r} was closed while in use")
-                        conn = cast(Any, writer)._conn
-                        with anyio.CancelScope(shield=True):  # never half-done
-                            rows = await cast(Any, writer)._execute(_run_batch, conn, ops)
+                    rows = await self._run(functools.partial(_apply_batch, ops=ops))
                 except BaseException as exc:
-                    error = exc
-                    if isinstance(exc, (sqlite3.Error, ValueError)):
-                        error = StoreError(f"SQLite store {self.path!r}: {exc}")
                     for op in ops:
                         assert op.future is not None
                         if not op.future.done():
-                            op.future.set_exception(error)
+                            op.future.set_exception(exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
@@ -451,7 +452,7 @@ class SQLiteStore:
                     continue
                 cached = self._cache[stream_id] = _Cached(_to_info(row), keep=TAIL_CACHE)
             info = _to_info(row, cached.info if cached.headers == row["headers"] else None)
-            cached.headers = row["headers"]
+            cached.headers, cached.confirmed = row["headers"], time.monotonic()
             cached.update(info, parts or ())
         for op in ops:
             if not op.ok and op.kind != "attach":
@@ -497,23 +498,31 @@ class SQLiteStore:
     async def claim(
         self, stream_id: str, *, lease_seconds: float, replace: bool = False
     ) -> Lease | StreamInfo:
+        cached = self._cache.get(stream_id)
+        if cached is not None and time.monotonic() - cached.confirmed < self.poll_interval:
+            # Produced here and read back from the file within the last poll interval (the
+            # staleness cross-process waits have anyway): running, so not claimable — no
+            # transaction, so joining a busy worker's stream costs no trip to its writer.
+            info = effective(cached.info)
+            if info.state == "running":
+                return info
         if time.time() >= self._next_purge:
             self._next_purge = time.time() + self.purge_interval
             await self.purge_expired()
 
-        async def body(db: aiosqlite.Connection) -> Lease | StreamInfo:
+        def body(db: sqlite3.Connection) -> Lease | StreamInfo:
             now = time.time()
-            rows = await db.execute_fetchall(
+            rows = db.execute(
                 f"SELECT {_COLUMNS} FROM streams WHERE id = :id", {"id": stream_id}
-            )
-            old = _to_info(next(iter(rows))) if rows else None
+            ).fetchall()
+            old = _to_info(rows[0]) if rows else None
             live = old if old is not None and not _expired(old, now) else None
             if live is not None and not is_claimable(live, now, replace):
                 return effective(live, now)
             if old is not None:
-                await db.execute("DELETE FROM segments WHERE stream_id = ?", (stream_id,))
+                db.execute("DELETE FROM segments WHERE stream_id = ?", (stream_id,))
             token = new_token()
-            await db.execute(
+            db.execute(
                 f"INSERT OR REPLACE INTO streams ({_COLUMNS}) VALUES "
                 "(:id, :token, 'running', :version, 0, 0, :readers, NULL, NULL, :now, :now, "
                 "NULL, :lease_expires_at, 1)",
@@ -701,10 +710,10 @@ class SQLiteStore:
         await self._batched(_Op(stream_id, sql, [{"id": stream_id, "delta": delta}], "attach"))
 
     async def abort(self, stream_id: str, *, ttl: float) -> bool:
-        async def body(db: aiosqlite.Connection) -> int:
+        def body(db: sqlite3.Connection) -> int:
             now = time.time()
             # Only a running stream whose lease holds: one that ran out has already `failed`.
-            cursor = await db.execute(
+            cursor = db.execute(
                 "UPDATE streams SET state = 'aborted', lease_expires_at = NULL, "
                 "expires_at = :expires, version = version + 1, updated_at = :now "
                 "WHERE id = :id AND state = 'running' "
@@ -713,19 +722,19 @@ class SQLiteStore:
             )
             return cursor.rowcount
 
-        aborted = await self._write(body, transaction=False) == 1
+        aborted = await self._write(body) == 1
         self._forget(stream_id)
         if aborted:
             self._notifier.notify(stream_id)
         return aborted
 
     async def delete(self, stream_id: str) -> bool:
-        async def body(db: aiosqlite.Connection) -> bool:
+        def body(db: sqlite3.Connection) -> bool:
             params = {"id": stream_id, "now": time.time()}
-            cursor = await db.execute(f"DELETE FROM streams WHERE id = :id AND {_LIVE}", params)
+            cursor = db.execute(f"DELETE FROM streams WHERE id = :id AND {_LIVE}", params)
             existed = cursor.rowcount == 1
-            await db.execute("DELETE FROM streams WHERE id = :id", params)  # expired leftovers
-            await db.execute("DELETE FROM segments WHERE stream_id = :id", params)
+            db.execute("DELETE FROM streams WHERE id = :id", params)  # expired leftovers
+            db.execute("DELETE FROM segments WHERE stream_id = :id", params)
             return existed
 
         existed = await self._write(body)
@@ -734,19 +743,17 @@ class SQLiteStore:
         return existed
 
     async def purge_expired(self) -> int:
-        async def body(db: aiosqlite.Connection) -> list[str]:
+        def body(db: sqlite3.Connection) -> list[str]:
             params = {"now": time.time()}
-            rows = await db.execute_fetchall(
-                "SELECT id FROM streams WHERE expires_at <= :now", params
-            )
-            expired = [str(row["id"]) for row in rows]
+            rows = db.execute("SELECT id FROM streams WHERE expires_at <= :now", params)
+            expired = [str(row["id"]) for row in rows.fetchall()]
             if expired:
-                await db.execute(
+                db.execute(
                     "DELETE FROM segments WHERE stream_id IN "
                     "(SELECT id FROM streams WHERE expires_at <= :now)",
                     params,
                 )
-                await db.execute("DELETE FROM streams WHERE expires_at <= :now", params)
+                db.execute("DELETE FROM streams WHERE expires_at <= :now", params)
             return expired
 
         expired = await self._write(body)
