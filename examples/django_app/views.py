@@ -15,17 +15,21 @@ from django.http import (
 )
 from django.views.decorators.http import require_GET, require_POST
 
+from durable_asgi import durable, keys
+
 from ..common import model
 
 PAGE = Path(model.__file__).with_name("index.html")
 
 
 @require_POST
+@durable(key=keys.header("Durable-Key"), ttl=3600)
 async def chat(request: HttpRequest) -> HttpResponse:
     """Stream the model's answer to ``{"message": ...}`` as plain text.
 
-    Durable because the request carries a ``Durable-Key`` (see ``asgi.py``): a reload sends the
-    same request again and is served from the store; this view runs once per key.
+    The only durable view (``asgi.py`` uses ``routes="decorated"``): the page's ``Durable-Key``
+    names the turn, so a reload that sends the same request again is served from the store and
+    this view runs once per key.
     """
     try:
         message = json.loads(request.body)["message"]
