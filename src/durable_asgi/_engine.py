@@ -44,7 +44,7 @@ __all__ = ["Engine", "Producer", "StreamOptions", "serve_stream"]
 
 logger = logging.getLogger("durable_asgi")
 
-#: Bytes per store read when replaying.
+#: Bytes per store read (and per write to the client) when replaying.
 READ_SIZE = 256 * 1024
 #: Pending (unstored) bytes at which the handler's `send` waits for the store.
 HIGH_WATER = 1 << 20
@@ -441,15 +441,16 @@ async def _pump(
     receive: Receive,
     send: Send,
 ) -> None:
-    async def watch_disconnect(scope: anyio.CancelScope) -> None:
+    async def count_in_and_watch(scope: anyio.CancelScope) -> None:
+        # One task for both (a task costs about 4 KB, and a server may hold thousands).
+        await _count_in(tail)
         while (await receive())["type"] != "http.disconnect":
             pass
         scope.cancel()
 
     error: Exception | None = None
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(watch_disconnect, tasks.cancel_scope)
-        tasks.start_soon(_count_in, tail)
+        tasks.start_soon(count_in_and_watch, tasks.cancel_scope)
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             async for data in tail:
