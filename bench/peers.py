@@ -2,6 +2,7 @@
 
     python bench/peers.py                  # prints the table, writes docs/img/peers.png
     python bench/peers.py --quick          # smaller numbers, for a smoke run
+    python bench/peers.py --rounds 1       # one round instead of three
 
 Variants (all `bench/load_app.py` on one uvicorn worker, the same Starlette endpoint):
 ``bare`` (no resumability), durable_asgi with ``memory``, ``sqlite`` and ``redis`` stores, and
@@ -18,6 +19,11 @@ Measured (the client is a separate asyncio process on raw sockets):
   first 0.2 s; per-chunk latency (producer's clock to each client's read), p50/p99. The bare app
   can't share a stream: its row is that many independent streams.
 - **memory**: the server's peak RSS over all of the above.
+
+Every variant runs ``--rounds`` times (default 3), the variants taking turns, each round in a
+fresh server; the table shows each figure's median over the rounds. On a 2-core machine one
+round's latency percentiles move by several milliseconds with whatever else the machine is
+doing (the client, Redis and the server share the cores), and turns spread that evenly.
 
 Needs ``pip install -e '.[bench]'`` and a Redis (``--redis URL`` or a ``redis-server`` binary).
 """
@@ -138,6 +144,32 @@ def run_variant(
     return result
 
 
+def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from several rounds of a variant: the median of each figure."""
+
+    def med(get: Any) -> Any:
+        values = [get(r) for r in rounds]
+        return None if any(v is None for v in values) else statistics.median(values)
+
+    def pcts(get: Any) -> dict[str, float] | None:
+        if any(get(r) is None for r in rounds):
+            return None
+        return {q: statistics.median(get(r)[q] for r in rounds) for q in ("p50", "p99")}
+
+    return {
+        "variant": rounds[0]["variant"],
+        "rounds": len(rounds),
+        "throughput": med(lambda r: r["throughput"]),
+        "resume": {"ttfb": pcts(lambda r: r["resume"]["ttfb"])},
+        "fanout": {
+            "latency": pcts(lambda r: r["fanout"]["latency"]),
+            "delivered": med(lambda r: r["fanout"]["delivered"]),
+        },
+        "rss": med(lambda r: r["rss"]),
+        "each": rounds,
+    }
+
+
 def pct(p: dict[str, float] | None) -> str:
     return "n/a" if p is None else f"{p['p50']:.1f} / {p['p99']:.1f}"
 
@@ -146,7 +178,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"throughput: 1 stream x {args.chunks} x 64 B as fast as possible; resume: "
         f"{args.resumes} streams joined at 1 s; fan-out: 1 stream (20 chunks/s) x "
-        f"{args.fanout} readers; one uvicorn worker each\n",
+        f"{args.fanout} readers; one uvicorn worker each; median of {args.rounds} round(s)\n",
         "| variant | throughput (chunks/s) | resume TTFB p50 / p99 (ms) "
         "| fan-out latency p50 / p99 (ms) | fan-out delivered | peak RSS (MiB) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -189,7 +221,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for i, v in enumerate(values):
             ax.annotate(f"{v:,.0f}" if v >= 10 else f"{v:.1f}", (i, v), ha="center", va="bottom",
                         fontsize=8)  # fmt: skip
-    fig.suptitle("durable_asgi vs peers (one uvicorn worker, same Redis)")
+    rounds = rows[0]["rounds"]
+    fig.suptitle(f"durable_asgi vs peers (one uvicorn worker, same Redis; median of {rounds})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -203,6 +236,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resumes", type=int, default=200)
     parser.add_argument("--fanout", type=int, default=200)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=3, help="runs per variant (median shown)")
     parser.add_argument("--redis", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "peers.png"))
@@ -212,7 +246,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.chunks, args.resumes, args.fanout = 2000, 20, 20
+        args.chunks, args.resumes, args.fanout, args.rounds = 2000, 20, 20, 1
     return args
 
 
@@ -221,15 +255,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.client:
         print(json.dumps(asyncio.run(client(args))))
         return
-    rows = []
+    results: dict[str, list[dict[str, Any]]] = {}
     with redis_server(args.redis) as redis, tempfile.TemporaryDirectory() as tmp:
-        for variant in args.variants.split(","):
-            if variant in ("redis", "frs", "rs") and redis is None:
-                print(f"skipping {variant}: no Redis (install redis-server or pass --redis)")
-                continue
-            print(f"running {variant} ...", file=sys.stderr, flush=True)
+        variants = args.variants.split(",")
+        if redis is None:
+            print("skipping redis, frs, rs: no Redis (install redis-server or pass --redis)")
+            variants = [v for v in variants if v not in ("redis", "frs", "rs")]
+        for n, variant in ((n, v) for n in range(args.rounds) for v in variants):
+            print(f"round {n + 1}: {variant} ...", file=sys.stderr, flush=True)
             try:
-                rows.append(run_variant(variant, args, redis, Path(tmp)))
+                results.setdefault(variant, []).append(run_variant(variant, args, redis, Path(tmp)))
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
                 stderr = getattr(exc, "stderr", b"") or b""
                 tail = (
@@ -238,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                     else stderr[-500:]
                 )
                 print(f"{variant} failed: {exc}\n{tail}", file=sys.stderr)
+    rows = [median_of(results[v]) for v in variants if v in results]
     print(table(rows, args))
     if args.plot and rows:
         plot(rows, Path(args.plot))
