@@ -810,11 +810,13 @@ class RedisStore:
         if mine is not None and mine.info.generation == lease.token:
             del self._producing[lease.stream_id]
 
-    def _produced(self, lease: Lease, data: bytes = b"", **changes: Any) -> None:
-        """Record a write of ours in the local copy (before waking readers)."""
+    def _produced(self, lease: Lease, data: bytes = b"", chunks: int = 0, **changes: Any) -> None:
+        """Record a write of ours (`data`, holding `chunks` messages) in the local copy, before
+        waking readers."""
         mine = self._producing.get(lease.stream_id)
         if mine is not None and mine.info.generation == lease.token:
-            mine.update(replace(mine.info, updated_at=time.time(), **changes), (data,))
+            changes["chunks"] = mine.info.chunks + chunks
+            mine.update(replace(mine.info, **changes), (data,))
 
     async def _write(
         self, script: _Script, lease: Lease, *args: bytes | str | int, want: int = -1
@@ -831,8 +833,11 @@ class RedisStore:
 
     async def start(self, lease: Lease, status: int, headers: Headers) -> None:
         reply = await self._write(_START, lease, status, _pack_headers(headers))
-        self._produced(lease, status_code=status, headers=tuple(headers), version=int(reply[1]))
-        self._changed(lease.stream_id, int(reply[1]), lease.token)
+        version, now = int(reply[1]), time.time()
+        self._produced(
+            lease, status_code=status, headers=tuple(headers), version=version, updated_at=now
+        )
+        self._changed(lease.stream_id, version, lease.token)
 
     async def append(self, lease: Lease, data: bytes, *, chunks: int) -> None:
         if not data and not chunks:
@@ -843,11 +848,9 @@ class RedisStore:
         want = self._ends.pop(lease.token, -1)
         reply = await self._write(_APPEND, lease, data, chunks, want=want)
         self._ends[lease.token] = offset = int(reply[2])
-        mine = self._producing.get(lease.stream_id)
-        if mine is not None:
-            chunks += mine.info.chunks
-        self._produced(lease, data, version=int(reply[1]), offset=offset, chunks=chunks)
-        self._changed(lease.stream_id, int(reply[1]), lease.token)
+        version, now = int(reply[1]), time.time()
+        self._produced(lease, data, chunks, version=version, offset=offset, updated_at=now)
+        self._changed(lease.stream_id, version, lease.token)
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
         sent = time.time()
