@@ -810,6 +810,114 @@ async def test_sqlite_claim_of_a_live_stream_of_this_process_needs_no_transactio
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sqlite_claim_trusts_an_old_copy_while_no_other_process_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy not written for longer than poll_interval still answers a claim while every
+    batch since shows no other process committed (``PRAGMA data_version``); once one has, the
+    file decides."""
+    from durable_asgi.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "durable.db", poll_interval=0.2)
+    other = SQLiteStore(tmp_path / "durable.db")
+    transactions = 0
+    real_run = store._run
+
+    async def counting_run(body: Any) -> Any:
+        nonlocal transactions
+        transactions += 1
+        return await real_run(body)
+
+    try:
+        idle = await claim(store, "/idle#1")
+        await store.start(idle, 200, ())
+        busy = await claim(store, "/busy#1")
+        await anyio.sleep(0.25)  # the idle stream's own snapshot is now older than that
+        monkeypatch.setattr(store, "_run", counting_run)
+        await store.append(busy, b"x", chunks=1)  # a batch: nobody else has committed
+        joined = await store.claim("/idle#1", lease_seconds=LONG)
+        assert isinstance(joined, StreamInfo) and joined.state == "running"
+        assert transactions == 1  # the batch; the claim needed none
+        assert await other.abort("/idle#1", ttl=LONG)
+        await store.append(busy, b"y", chunks=1)  # this batch sees the other commit
+        replayed = await store.claim("/idle#1", lease_seconds=LONG)
+        assert isinstance(replayed, StreamInfo) and replayed.state == "aborted"
+        assert transactions == 3
+    finally:
+        await store.close()
+        await other.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sqlite_readers_of_a_stream_this_process_produces_query_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the claim to the end, the producer's process reads its stream from memory: no
+    query, no poller; readers at the end learn the outcome from memory for poll_interval,
+    readers behind it (and anyone after that) read the file."""
+    from durable_asgi.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "durable.db", poll_interval=0.2)
+    other = SQLiteStore(tmp_path / "durable.db")
+    queries: list[str] = []
+    real_query = store._query
+
+    async def counting_query(sql: str, params: Any) -> Any:
+        queries.append(sql)
+        return await real_query(sql, params)
+
+    monkeypatch.setattr(store, "_query", counting_query)
+    try:
+        lease = await claim(store, "/own#1")
+        info, data = await store.read("/own#1", 0, 100)
+        assert info is not None and (info.state, info.offset, data) == ("running", 0, b"")
+        with anyio.fail_after(PROMPT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.wait, info, LONG)
+                await anyio.wait_all_tasks_blocked()
+                assert store._poller is None  # its changes come through this process
+                await store.start(lease, 200, ())
+        await store.append(lease, b"hello", chunks=1)
+        assert (await store.read("/own#1", 0, 100))[1] == b"hello"
+        await store.finish(lease, "complete", ttl=LONG, retain=True)
+        end, data = await store.read("/own#1", 5, 100)
+        assert end is not None and (end.state, end.offset, data) == ("complete", 5, b"")
+        assert queries == []
+        assert (await store.read("/own#1", 0, 100))[1] == b"hello"  # behind the end: the file
+        assert len(queries) == 1
+        assert await other.delete("/own#1")
+        await anyio.sleep(0.25)  # older than poll_interval: the file decides
+        assert await store.info("/own#1") is None
+    finally:
+        await store.close()
+        await other.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sqlite_lost_lease_wakes_readers_in_the_producers_process(tmp_path: Path) -> None:
+    """Another process aborts an idle stream: the producer meets it at its renewal, and its
+    readers here wake with it (they wait unpolled)."""
+    from durable_asgi.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "durable.db", poll_interval=3600)
+    other = SQLiteStore(tmp_path / "durable.db")
+    try:
+        lease = await claim(store, "/idle#1")
+        info = await info_of(store, "/idle#1")
+        assert await other.abort("/idle#1", ttl=LONG)
+        with anyio.fail_after(PROMPT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.wait, info, LONG)
+                await anyio.wait_all_tasks_blocked()
+                with pytest.raises(LeaseLost):
+                    await store.renew(lease, lease_seconds=LONG)
+        assert (await info_of(store, "/idle#1")).state == "aborted"
+    finally:
+        await store.close()
+        await other.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_sqlite_store_survives_a_restart_in_wal_mode(tmp_path: Path) -> None:
     import sqlite3
 

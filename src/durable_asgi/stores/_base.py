@@ -325,6 +325,12 @@ class LocalCopy:
                 self.size -= len(dropped)
         self.info = info
 
+    def settle(self, info: StreamInfo) -> None:
+        """The stream finished as `info`: keep its snapshot but none of its bytes, so readers
+        that followed it to the end learn how it ended without a round trip (readers behind
+        them read the rest from the store)."""
+        self.info, self.base, self.parts, self.size = info, info.offset, [], 0
+
     def read(self, offset: int, limit: int) -> bytes | None:
         """Up to `limit` bytes from `offset`, or None when `offset` isn't held here."""
         if not self.base <= offset <= self.info.offset:

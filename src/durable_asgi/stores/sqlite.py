@@ -18,14 +18,20 @@ Design, in brief:
   then answers each caller (`LeaseLost` for a write whose fence matched no row). Writes of one
   stream commit in the order they were queued; none is acknowledged before its commit. Claims,
   aborts, deletes and purges take the same writer connection, in their own transactions.
-- Streams this process produces are also kept in memory: the snapshot committed last and the
-  newest bytes (`TAIL_CACHE`), so its readers' `read`, `info` and `wait` need no query, and a
-  `claim` of one whose snapshot is younger than `poll_interval` (a live stream) answers without
-  a transaction; a change made elsewhere (abort, delete) is noticed by the poller, or by the
-  producer's next write, and drops the copy.
+- Streams this process produces are also kept in memory, from the claim on: the snapshot
+  committed last and the newest bytes (`TAIL_CACHE`), so its readers' `read`, `info` and `wait`
+  need no query, and a `claim` of one known to match the file within `poll_interval` (read
+  back in a commit since, or no other process has committed since: the writer connection's
+  ``PRAGMA data_version``, read in every batch) answers without a transaction; a change made
+  elsewhere (abort, delete) is met by the producer's next write or renewal, and drops the copy.
+  When the producer's `finish` commits, the copy keeps the final snapshot (no bytes) for
+  `poll_interval`, so the readers that followed the stream to its end learn how it ended
+  without a query each.
 - Readers in this process are woken by a `Notifier` after every write; readers in other
   processes can't be, so one poller task per store queries the version of every stream its
-  readers wait on, in one query every `poll_interval`.
+  readers wait on, in one query every `poll_interval`. Not those this process produces: their
+  changes come through it (another process's abort or delete of one reaches its producer at
+  the next write or lease renewal, and its readers here with it).
 
 aiosqlite is asyncio-only: under trio, `open` raises `ConfigurationError` (use `MemoryStore`).
 """
@@ -33,6 +39,7 @@ aiosqlite is asyncio-only: under trio, `open` raises `ConfigurationError` (use `
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -106,8 +113,12 @@ class _Cached(LocalCopy):
     """When (monotonic) `info` was last read back from the database, in a commit."""
 
 
-def _apply_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[sqlite3.Row]:
-    """In the writer's thread, in a transaction: every op, then the rows they touched."""
+def _apply_batch(conn: sqlite3.Connection, ops: list[_Op]) -> tuple[list[sqlite3.Row], int, float]:
+    """In the writer's thread, in a transaction: every op, then the rows they touched; with
+    the connection's ``data_version`` (it changes when another connection — another process —
+    commits) and when it was read (no other process commits until this transaction does)."""
+    ((data_version,),) = conn.execute("PRAGMA data_version").fetchall()
+    checked = time.monotonic()
     for op in ops:
         if len(op.params) == 1:
             op.ok = conn.execute(op.sql, op.params[0]).rowcount == 1
@@ -125,7 +136,7 @@ def _apply_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[sqlite3.Row]:
             f"SELECT {_COLUMNS} FROM streams WHERE id IN ({','.join('?' * len(chunk))})",
             chunk,
         ).fetchall()
-    return rows
+    return rows, data_version, checked
 
 
 def _in_transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -271,6 +282,11 @@ class SQLiteStore:
         # generation), the tails of the streams it produces, and one poller for all waiters.
         self._known: dict[str, tuple[str, int]] = {}
         self._cache: dict[str, _Cached] = {}
+        self._settled: collections.deque[tuple[float, str]] = collections.deque()
+        # The writer's `data_version` at the last batch; since when it has been that (no other
+        # process has committed from `_quiet_since` to `_quiet_until`, monotonic times).
+        self._data_version: int | None = None
+        self._quiet_since = self._quiet_until = 0.0
         self._watchers: dict[str, int] = {}
         self._poller: asyncio.Task[None] | None = None
 
@@ -413,7 +429,7 @@ class SQLiteStore:
             while self._queue:
                 ops, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 try:
-                    rows = await self._run(functools.partial(_apply_batch, ops=ops))
+                    batch = await self._run(functools.partial(_apply_batch, ops=ops))
                 except BaseException as exc:
                     for op in ops:
                         assert op.future is not None
@@ -422,7 +438,7 @@ class SQLiteStore:
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                self._committed(ops, rows)
+                self._committed(ops, *batch)
         finally:
             self._flusher = None
             for op in self._queue if self._writer is None else ():
@@ -430,20 +446,30 @@ class SQLiteStore:
                 if not op.future.done():
                     op.future.set_exception(StoreError(f"SQLite store {self.path!r} was closed"))
 
-    def _committed(self, ops: list[_Op], rows: list[sqlite3.Row]) -> None:
+    def _committed(
+        self, ops: list[_Op], rows: list[sqlite3.Row], data_version: int, checked: float
+    ) -> None:
         """A batch committed: refresh what this process knows, answer the callers, wake."""
+        if data_version != self._data_version:  # another process committed since the last one
+            self._data_version, self._quiet_since = data_version, checked
+        self._quiet_until = checked
         appended: dict[str, list[bytes]] = {}
         for op in ops:
             if op.kind in ("append", "start") and op.ok:
                 appended.setdefault(op.stream_id, [])
                 if op.data:
                     appended[op.stream_id].append(op.data)
+        finished = {op.stream_id for op in ops if op.kind == "finish" and op.ok}
         for row in rows:
             stream_id, generation = row["id"], row["generation"]
             self._known[stream_id] = (generation, row["version"])  # exact: as committed
             cached = self._cache.get(stream_id)
             if row["state"] != "running":
-                if cached is not None:
+                if cached is None:
+                    continue
+                if stream_id in finished and cached.info.generation == generation:
+                    self._settle(cached, row, checked)
+                else:
                     del self._cache[stream_id]
                 continue
             parts = appended.get(stream_id)
@@ -452,7 +478,7 @@ class SQLiteStore:
                     continue
                 cached = self._cache[stream_id] = _Cached(_to_info(row), keep=TAIL_CACHE)
             info = _to_info(row, cached.info if cached.headers == row["headers"] else None)
-            cached.headers, cached.confirmed = row["headers"], time.monotonic()
+            cached.headers, cached.confirmed = row["headers"], checked
             cached.update(info, parts or ())
         for op in ops:
             if not op.ok and op.kind != "attach":
@@ -460,8 +486,45 @@ class SQLiteStore:
             assert op.future is not None
             if not op.future.done():
                 op.future.set_result(op.ok)
-        for stream_id in {op.stream_id for op in ops if op.kind not in ("renew", "attach")}:
+        # Renewals change nothing readers see; a failed one drops the copy (the lease was lost).
+        changed = {
+            op.stream_id for op in ops if op.kind != "attach" and (op.kind != "renew" or not op.ok)
+        }
+        for stream_id in changed:
             self._notifier.notify(stream_id)
+
+    def _current(self, cached: _Cached) -> bool:
+        """Whether `cached` is known to match the file as of less than `poll_interval` ago:
+        read back in a commit since, or no other process has committed since it was."""
+        as_of = cached.confirmed
+        if self._quiet_since <= as_of:
+            as_of = max(as_of, self._quiet_until)
+        return time.monotonic() - as_of < self.poll_interval
+
+    def _settle(self, cached: _Cached, row: sqlite3.Row, now: float) -> None:
+        """This process's `finish` of the stream committed as `row`: keep the final snapshot
+        for `poll_interval`, then drop it (`_local`; or here, on a later finish)."""
+        cached.settle(_to_info(row, cached.info if cached.headers == row["headers"] else None))
+        cached.headers, cached.confirmed = row["headers"], now
+        settled = self._settled
+        settled.append((now, row["id"]))
+        while settled and now - settled[0][0] >= self.poll_interval:
+            _, stream_id = settled.popleft()
+            self._local(stream_id)
+
+    def _local(self, stream_id: str) -> _Cached | None:
+        """This process's copy of the stream, if it has one that may be served: a running
+        stream's (kept current by its writes here), or a finished one's younger than
+        `poll_interval` (dropped after that: another process may delete or rerun it)."""
+        cached = self._cache.get(stream_id)
+        if (
+            cached is not None
+            and cached.info.finished
+            and time.monotonic() - cached.confirmed >= self.poll_interval
+        ):
+            del self._cache[stream_id]
+            return None
+        return cached
 
     def _observe(self, stream_id: str, seen: tuple[str, int], *, exact: bool = False) -> bool:
         """Record the stream's (generation, version) as seen now; True if that's a change.
@@ -498,9 +561,9 @@ class SQLiteStore:
     async def claim(
         self, stream_id: str, *, lease_seconds: float, replace: bool = False
     ) -> Lease | StreamInfo:
-        cached = self._cache.get(stream_id)
-        if cached is not None and time.monotonic() - cached.confirmed < self.poll_interval:
-            # Produced here and read back from the file within the last poll interval (the
+        cached = self._local(stream_id)
+        if cached is not None and self._current(cached):
+            # Produced here, and known to match the file within the last poll interval (the
             # staleness cross-process waits have anyway): running, so not claimable — no
             # transaction, so joining a busy worker's stream costs no trip to its writer.
             info = effective(cached.info)
@@ -510,7 +573,7 @@ class SQLiteStore:
             self._next_purge = time.time() + self.purge_interval
             await self.purge_expired()
 
-        def body(db: sqlite3.Connection) -> Lease | StreamInfo:
+        def body(db: sqlite3.Connection) -> tuple[Lease, sqlite3.Row] | StreamInfo:
             now = time.time()
             rows = db.execute(
                 f"SELECT {_COLUMNS} FROM streams WHERE id = :id", {"id": stream_id}
@@ -536,13 +599,21 @@ class SQLiteStore:
                     "lease_expires_at": now + lease_seconds,
                 },
             )
-            return Lease(stream_id, token)
+            row = db.execute(f"SELECT {_COLUMNS} FROM streams WHERE id = :id", {"id": stream_id})
+            return Lease(stream_id, token), row.fetchone()
 
         result = await self._write(body)
-        if isinstance(result, Lease):
-            self._forget(stream_id)
-            self._notifier.notify(stream_id)
-        return result
+        if isinstance(result, StreamInfo):
+            return result
+        lease, row = result
+        # Produced here from now on: its readers here read this copy, kept current by its writes.
+        self._forget(stream_id)
+        self._known[stream_id] = (lease.token, row["version"])
+        self._cache[stream_id] = _Cached(
+            _to_info(row), keep=TAIL_CACHE, headers=row["headers"], confirmed=time.monotonic()
+        )
+        self._notifier.notify(stream_id)
+        return lease
 
     async def start(self, lease: Lease, status: int, headers: Headers) -> None:
         await self._update_owned(
@@ -597,15 +668,19 @@ class SQLiteStore:
                 now=now,
             )
         finally:
-            # Committed or not, the copy is done with: readers meet the outcome in the file.
+            # Not committed (or the lease was lost): readers meet the outcome in the file.
             cached = self._cache.get(lease.stream_id)
-            if cached is not None and cached.info.generation == lease.token:
+            if (
+                cached is not None
+                and cached.info.generation == lease.token
+                and not cached.info.finished
+            ):
                 del self._cache[lease.stream_id]
                 self._notifier.notify(lease.stream_id)
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         now = time.time()
-        cached = self._cache.get(stream_id)
+        cached = self._local(stream_id)
         if cached is not None:
             return effective(cached.info, now)
         rows = await self._query(
@@ -619,7 +694,7 @@ class SQLiteStore:
     ) -> tuple[StreamInfo | None, bytes]:
         now = time.time()
         offset = max(offset, 0)
-        cached = self._cache.get(stream_id)
+        cached = self._local(stream_id)
         data = None if cached is None else cached.read(offset, limit)
         if cached is not None and data is not None:
             # Written through this process: the newest bytes are in memory.
@@ -658,17 +733,21 @@ class SQLiteStore:
         remaining = deadline - anyio.current_time()
         if remaining <= 0:
             return
-        # Changes made in this process set `event`; other processes' are seen by the poller.
-        self._watchers[stream_id] = self._watchers.get(stream_id, 0) + 1
-        if self._poller is None:
-            self._poller = asyncio.create_task(self._poll())
+        # Changes made in this process set `event`; other processes' are seen by the poller
+        # (but for streams produced here: see the module's docstring).
+        polled = stream_id not in self._cache
+        if polled:
+            self._watchers[stream_id] = self._watchers.get(stream_id, 0) + 1
+            if self._poller is None:
+                self._poller = asyncio.create_task(self._poll())
         try:
             with anyio.move_on_after(remaining):
                 await event.wait()
         finally:
-            left = self._watchers.pop(stream_id) - 1
-            if left:
-                self._watchers[stream_id] = left
+            if polled:
+                left = self._watchers.pop(stream_id) - 1
+                if left:
+                    self._watchers[stream_id] = left
 
     async def _poll(self) -> None:
         """One poller for every stream this process's readers wait on: every `poll_interval`,
