@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 pytest.importorskip("redis")
@@ -119,6 +120,33 @@ async def claimed(store: RedisStore, sid: str = "/chat#1", lease_seconds: float 
     lease = await store.claim(sid, lease_seconds=lease_seconds)
     assert isinstance(lease, Lease)
     return lease
+
+
+@pytest.mark.anyio
+async def test_a_join_does_not_queue_behind_a_pipeline_of_writes(store: RedisStore) -> None:
+    """Producers' writes and everything else take separate lanes: a request joining a stream
+    is answered while a big pipeline of other streams' appends is still in flight."""
+    leases = [await claimed(store, f"/busy#{n}") for n in range(100)]
+    joined = await claimed(store, "/joined#1")
+    piece = b"x" * (128 << 10)
+    done: list[str] = []
+
+    async def append(lease: Lease) -> None:
+        await store.append(lease, piece, chunks=1)
+        done.append("append")
+
+    async def join() -> None:
+        info = await store.claim("/joined#1", lease_seconds=5)
+        assert isinstance(info, StreamInfo) and info.generation == joined.token
+        done.append("join")
+
+    async with anyio.create_task_group() as tg:
+        for lease in leases:
+            tg.start_soon(append, lease)
+        await anyio.lowlevel.checkpoint()  # the appends are queued (and their pipeline sent)
+        tg.start_soon(join)
+    assert sorted(done) == ["append"] * 100 + ["join"]
+    assert done.index("join") < 100  # not after the whole pipeline
 
 
 @pytest.mark.anyio
@@ -327,9 +355,9 @@ async def test_own_streams_are_read_from_memory_older_bytes_from_redis(
     sent: list[str] = []
     real_eval = store._eval
 
-    async def counting_eval(script: object, *args: object) -> object:
+    async def counting_eval(script: object, *args: object, **kwargs: object) -> object:
         sent.append(getattr(script, "name", "?"))
-        return await real_eval(script, *args)  # type: ignore[arg-type]
+        return await real_eval(script, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store, "_eval", counting_eval)
     recent = len(body) - 1000
@@ -383,7 +411,7 @@ async def test_local_copy_goes_when_the_stream_ends_or_the_lease_is_lost(
     # Redis failing at `finish`: the copy goes anyway (readers meet the error in Redis)
     lease = await claimed(store, "/gone#3")
 
-    async def failing_eval(*args: object) -> object:
+    async def failing_eval(*args: object, **kwargs: object) -> object:
         raise StoreError("Redis is down")
 
     monkeypatch.setattr(store, "_eval", failing_eval)

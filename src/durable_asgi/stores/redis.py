@@ -17,11 +17,13 @@ SHA-256 (a raw tag never starts with ``#``, so the two forms cannot collide).
   `finish` also check the body offset this process expects, so a write redis-py retries after a
   dropped connection is not applied twice, and a stream that lost bytes in a Redis restart
   fails instead of completing.
-- **Batching**: every script goes through one queue; a single task sends what is queued as one
-  pipeline (one round trip and one pooled connection for many streams' reads and writes, in
+- **Batching**: every script goes through a queue; a single task per queue sends what is queued
+  as one pipeline (one round trip and one pooled connection for many streams' commands, in
   queue order), so a thousand streams don't each wait for a connection of the bounded pool and
-  a lease renewal never queues behind a thousand round trips. A script whose caller was
-  cancelled before it was sent is dropped.
+  a lease renewal never queues behind a thousand round trips. Two queues (*lanes*), each in
+  order: producers' fenced writes, and everything else (claims, reads, control) — so a request
+  joining a stream doesn't wait behind a pipeline of a thousand appends in flight. A script
+  whose caller was cancelled before it was sent is dropped.
 - **Reads** find the entry holding offset ``n`` with ``XREVRANGE body n-1 - COUNT 1`` and take
   the rest with ``XRANGE``, in one script together with the metadata snapshot. Streams this
   process produces are also kept in memory as of their last acknowledged write (`LocalCopy`:
@@ -98,6 +100,9 @@ MAX_TTL = 10 * 365 * 86400.0
 LOCAL_BYTES = 64 << 10
 #: Most scripts sent in one pipeline by the batcher.
 MAX_PIPELINE = 256
+#: The batcher's lanes: producers' fenced writes, and every other script.
+_WRITES, _OTHERS = 0, 1
+_Queued = tuple["_Script", Sequence[str], tuple[Any, ...], "asyncio.Future[Any]"]
 
 # -- Lua ---------------------------------------------------------------------------------------
 
@@ -524,11 +529,10 @@ class RedisStore:
         self._ends: dict[str, int] = {}
         #: Streams this process produces, as of their last write (see `LocalCopy`).
         self._producing: dict[str, LocalCopy] = {}
-        #: Scripts waiting for the batcher, which sends them as pipelines (one round trip and
-        #: one pooled connection for many streams' commands).
-        self._queue: list[tuple[_Script, Sequence[str], tuple[Any, ...], asyncio.Future[Any]]]
-        self._queue = []
-        self._flusher: asyncio.Task[None] | None = None
+        #: Per lane (`_WRITES`, `_OTHERS`): scripts waiting for its batcher, which sends them as
+        #: pipelines (one round trip and one pooled connection for many streams' commands).
+        self._queues: tuple[list[_Queued], list[_Queued]] = ([], [])
+        self._flushers: list[asyncio.Task[None] | None] = [None, None]
 
     def __repr__(self) -> str:
         where = self._url if self._url is not None else repr(self._client)
@@ -589,26 +593,29 @@ class RedisStore:
         base = f"{self.prefix}:{{{_tag(stream_id)}}}:"
         return base + "meta", base + "body", base + "ev"
 
-    async def _eval(self, script: _Script, keys: Sequence[str], *args: bytes | str | int) -> Any:
+    async def _eval(
+        self, script: _Script, keys: Sequence[str], *args: bytes | str | int, lane: int = _OTHERS
+    ) -> Any:
         client = self._redis()
         if isinstance(client, RedisCluster):  # keys of one call share a slot, a batch doesn't
             return await self._eval_one(client, script, keys, args)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((script, keys, args, future))
-        if self._flusher is None:  # one at a time: scripts run in the order they were queued
-            self._flusher = asyncio.create_task(self._flush(client))
+        self._queues[lane].append((script, keys, args, future))
+        if self._flushers[lane] is None:  # one per lane: its scripts run in queue order
+            self._flushers[lane] = asyncio.create_task(self._flush(client, lane))
         return await future
 
-    async def _flush(self, client: Redis) -> None:
-        """Send what is queued as pipelines (scripts run in queue order) until nothing is."""
+    async def _flush(self, client: Redis, lane: int) -> None:
+        """Send what is queued in `lane` as pipelines (in queue order) until nothing is."""
         try:
-            await self._flush_queue(client)
+            await self._flush_queue(client, self._queues[lane])
         finally:
-            self._flusher = None
+            self._flushers[lane] = None
 
-    async def _flush_queue(self, client: Redis) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[:MAX_PIPELINE], self._queue[MAX_PIPELINE:]
+    async def _flush_queue(self, client: Redis, queue: list[_Queued]) -> None:
+        while queue:
+            batch = queue[:MAX_PIPELINE]
+            del queue[:MAX_PIPELINE]
             # A caller cancelled before its script was sent: don't send it (it would land
             # after the caller's next write).
             batch = [item for item in batch if not item[3].done()]
@@ -776,8 +783,9 @@ class RedisStore:
                     task.result()
             tail.resets += 1
             self._notifier.notify(stream_id)
-        if self._flusher is not None:  # let queued commands finish
-            await asyncio.wait([self._flusher])
+        flushers = [task for task in self._flushers if task is not None]
+        if flushers:  # let queued commands finish
+            await asyncio.wait(flushers)
         if self._url is not None and self._client is not None:
             clients = (self._client, self._tail_client)
             self._client = self._tail_client = None
@@ -823,7 +831,13 @@ class RedisStore:
     ) -> list[Any]:
         """Run a fenced write; its reply is ``[b"ok", version, ...]``."""
         reply = await self._eval(
-            script, self._keys(lease.stream_id), lease.token, want, _ms(self.orphan_ttl), *args
+            script,
+            self._keys(lease.stream_id),
+            lease.token,
+            want,
+            _ms(self.orphan_ttl),
+            *args,
+            lane=_WRITES,
         )
         if reply[0] == b"lost":
             self._released(lease)
