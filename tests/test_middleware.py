@@ -683,3 +683,50 @@ async def test_resuming_a_failed_stream_serves_its_bytes_then_fails() -> None:
     assert resumed.body == b"".join(CHUNKS[:10])[30:]
     assert not resumed.complete
     assert app.calls == 1
+
+
+async def test_a_store_that_falls_behind_slows_the_handler_not_memory() -> None:
+    """Backpressure: once more than the buffer's bound is pending, the handler's `send` waits
+    for the writer; when the store catches up, everything lands byte-for-byte."""
+    from durable_asgi._engine import HIGH_WATER
+    from durable_asgi.stores import Lease
+
+    class SlowStore(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = anyio.Event()
+            self.appending = anyio.Event()
+
+        async def append(self, lease: Lease, data: bytes, *, chunks: int) -> None:
+            self.appending.set()
+            await self.release.wait()
+            await super().append(lease, data, chunks=chunks)
+
+    piece = b"p" * (64 << 10)
+    pieces = 2 * HIGH_WATER // len(piece)
+    sent = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal sent
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+            sent += 1
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    store = SlowStore()
+    mw = DurableMiddleware(app, store=store)
+    async with anyio.create_task_group() as tg:
+        results: list[Any] = []
+
+        async def first() -> None:
+            results.append(await call(mw, "/slow", headers=KEY))
+
+        tg.start_soon(first)
+        await store.appending.wait()
+        await anyio.wait_all_tasks_blocked()
+        # The writer is stuck on its first append: the handler sent about HIGH_WATER, then waited.
+        assert sent * len(piece) <= HIGH_WATER + len(piece)
+        store.release.set()
+    assert sent == pieces
+    assert results[0].complete and results[0].body == piece * pieces

@@ -2,9 +2,10 @@
 
 A *producer* runs the whole downstream app under fake channels: `receive` replays the buffered
 request body and never reports a disconnect before the response is done; `send` tees the
-response into the store and never raises. It runs inside ``CancelScope(shield=True)`` so the
-client leaving (or the server cancelling the request task) never cancels the handler; only
-abort, delete, ``max_duration`` and shutdown do, through the producer's own cancel scope.
+response into the store and never raises. It runs in a task group with a shielded cancel
+scope, so the client leaving (or the server cancelling the request task) never cancels the
+handler; only abort, delete, ``max_duration`` and shutdown do, through the producer's own
+cancel scope.
 
 Writes go through a small write-behind buffer with group commit: `send` appends to memory and
 returns; a writer task stores everything pending in one `append`. Under load that batches many
@@ -93,7 +94,7 @@ class Producer:
         self._pending_head: tuple[int, Headers] | None = None
         self._total = 0
         self._wake = anyio.Event()
-        self._drained = anyio.Event()
+        self._drained: anyio.Event | None = None  # made when `_send` waits for the writer
         self._closing = False
         self._lost = False
         self._writer_done = anyio.Event()
@@ -134,16 +135,16 @@ class Producer:
         stream_id = self.lease.stream_id
         self.engine.producers[stream_id] = self
         try:
-            with anyio.CancelScope(shield=True):
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(self._write_loop)
-                    tasks.start_soon(self._renew_loop)
-                    await self._run_app(app, scope, receive)
-                    # The writer stores what is pending, then finishes the stream.
-                    self._closing = True
-                    self._wake.set()
-                    await self._writer_done.wait()
-                    tasks.cancel_scope.cancel()
+            async with anyio.create_task_group() as tasks:
+                tasks.cancel_scope.shield = True  # the handler outlives its client's request
+                tasks.start_soon(self._write_loop)
+                tasks.start_soon(self._renew_loop)
+                await self._run_app(app, scope, receive)
+                # The writer stores what is pending, then finishes the stream.
+                self._closing = True
+                self._wake.set()
+                await self._writer_done.wait()
+                tasks.cancel_scope.cancel()
         finally:
             if self.engine.producers.get(stream_id) is self:
                 del self.engine.producers[stream_id]
@@ -199,8 +200,10 @@ class Producer:
             if not message.get("more_body", False):
                 self._response_complete.set()
             self._wake.set()
-            if self._pending_size > HIGH_WATER:
-                await self._drained.wait()  # backpressure: the store is behind
+            if self._pending_size > HIGH_WATER:  # backpressure: the store is behind
+                if self._drained is None:
+                    self._drained = anyio.Event()
+                await self._drained.wait()
 
     async def _write_loop(self) -> None:
         store, lease = self.store, self.lease
@@ -217,8 +220,7 @@ class Producer:
                         data, chunks = join(self._pending), self._pending_chunks
                         self._pending, self._pending_chunks, self._pending_size = [], 0, 0
                         await store.append(lease, data, chunks=chunks)
-                    self._drained.set()
-                    self._drained = anyio.Event()
+                    self._release_sender()
                 if self._closing:
                     break
             status = self.head[0] if self.head else 500
@@ -237,7 +239,13 @@ class Producer:
         finally:
             # From here on `_send` drops data, and nothing waits for the store any more.
             self._writer_done.set()
+            self._release_sender()
+
+    def _release_sender(self) -> None:
+        """Wake `_send` if it waits for the writer to catch up."""
+        if self._drained is not None:
             self._drained.set()
+            self._drained = None
 
     async def _renew_loop(self) -> None:
         interval = self.options.lease_seconds / 3
