@@ -732,6 +732,19 @@ async def test_scan_lists_every_stream(store: Store, ids: Ids) -> None:
 # -- backend-specific: SQLite ------------------------------------------------------------------
 
 
+def record_calls(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> list[Any]:
+    """From now on, record the first argument of every call of the async method `name`."""
+    calls: list[Any] = []
+    real = getattr(obj, name)
+
+    async def recording(first: Any, *args: Any) -> Any:
+        calls.append(first)
+        return await real(first, *args)
+
+    monkeypatch.setattr(obj, name, recording)
+    return calls
+
+
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_sqlite_store_refuses_trio_with_a_clear_error(tmp_path: Path) -> None:
     from durable_asgi.stores.sqlite import SQLiteStore
@@ -781,29 +794,21 @@ async def test_sqlite_claim_of_a_live_stream_of_this_process_needs_no_transactio
 
     store = SQLiteStore(tmp_path / "durable.db", poll_interval=0.2)
     other = SQLiteStore(tmp_path / "durable.db")
-    transactions = 0
-    real_run = store._run
-
-    async def counting_run(body: Any) -> Any:
-        nonlocal transactions
-        transactions += 1
-        return await real_run(body)
-
     try:
         lease = await claim(store, "/live#1")
         await store.start(lease, 200, ())
         await store.append(lease, b"hello", chunks=1)
-        monkeypatch.setattr(store, "_run", counting_run)
+        transactions = record_calls(monkeypatch, store, "_run")
         joined = await store.claim("/live#1", lease_seconds=LONG)
         assert isinstance(joined, StreamInfo)
         assert (joined.state, joined.offset, joined.generation) == ("running", 5, lease.token)
-        assert transactions == 0
+        assert len(transactions) == 0
         assert await other.abort("/live#1", ttl=LONG)
         await anyio.sleep(0.25)  # older than poll_interval: the file decides
         replayed = await store.claim("/live#1", lease_seconds=LONG)
         assert isinstance(replayed, StreamInfo)
         assert replayed.state == "aborted"
-        assert transactions == 1
+        assert len(transactions) == 1
     finally:
         await store.close()
         await other.close()
@@ -820,29 +825,21 @@ async def test_sqlite_claim_trusts_an_old_copy_while_no_other_process_commits(
 
     store = SQLiteStore(tmp_path / "durable.db", poll_interval=0.2)
     other = SQLiteStore(tmp_path / "durable.db")
-    transactions = 0
-    real_run = store._run
-
-    async def counting_run(body: Any) -> Any:
-        nonlocal transactions
-        transactions += 1
-        return await real_run(body)
-
     try:
         idle = await claim(store, "/idle#1")
         await store.start(idle, 200, ())
         busy = await claim(store, "/busy#1")
         await anyio.sleep(0.25)  # the idle stream's own snapshot is now older than that
-        monkeypatch.setattr(store, "_run", counting_run)
+        transactions = record_calls(monkeypatch, store, "_run")
         await store.append(busy, b"x", chunks=1)  # a batch: nobody else has committed
         joined = await store.claim("/idle#1", lease_seconds=LONG)
         assert isinstance(joined, StreamInfo) and joined.state == "running"
-        assert transactions == 1  # the batch; the claim needed none
+        assert len(transactions) == 1  # the batch; the claim needed none
         assert await other.abort("/idle#1", ttl=LONG)
         await store.append(busy, b"y", chunks=1)  # this batch sees the other commit
         replayed = await store.claim("/idle#1", lease_seconds=LONG)
         assert isinstance(replayed, StreamInfo) and replayed.state == "aborted"
-        assert transactions == 3
+        assert len(transactions) == 3
     finally:
         await store.close()
         await other.close()
@@ -859,14 +856,7 @@ async def test_sqlite_readers_of_a_stream_this_process_produces_query_nothing(
 
     store = SQLiteStore(tmp_path / "durable.db", poll_interval=0.2)
     other = SQLiteStore(tmp_path / "durable.db")
-    queries: list[str] = []
-    real_query = store._query
-
-    async def counting_query(sql: str, params: Any) -> Any:
-        queries.append(sql)
-        return await real_query(sql, params)
-
-    monkeypatch.setattr(store, "_query", counting_query)
+    queries = record_calls(monkeypatch, store, "_query")
     try:
         lease = await claim(store, "/own#1")
         info, data = await store.read("/own#1", 0, 100)
