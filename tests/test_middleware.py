@@ -702,8 +702,8 @@ async def test_a_store_that_falls_behind_slows_the_handler_not_memory() -> None:
             await self.release.wait()
             await super().append(lease, data, chunks=chunks)
 
-    piece = b"p" * (64 << 10)
-    pieces = 2 * HIGH_WATER // len(piece)
+    piece = b"p" * 4096
+    pieces = 4 * HIGH_WATER // len(piece)
     sent = 0
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -730,3 +730,50 @@ async def test_a_store_that_falls_behind_slows_the_handler_not_memory() -> None:
         store.release.set()
     assert sent == pieces
     assert results[0].complete and results[0].body == piece * pieces
+
+
+@pytest.mark.parametrize(("server", "handler"), [("2.3", "2.4"), ("2.4", "2.4"), ("2.5", "2.5")])
+async def test_the_handler_is_told_a_send_never_fails(server: str, handler: str) -> None:
+    """The handler's `send` can't fail (no client can leave it), which ASGI 2.4 allows, so it
+    sees at least 2.4 and frameworks skip their per-response disconnect watcher. Requests
+    that pass through keep the server's version."""
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["asgi"]["spec_version"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = durable(app)
+    asgi = {"asgi": {"version": "3.0", "spec_version": server}}
+    assert (await call(mw, "/s", headers=KEY, scope_extra=asgi)).body == b"ok"
+    assert (await call(mw, "/s", scope_extra=asgi)).body == b"ok"
+    assert seen == [handler, server]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_finished_stream_leaves_no_reference_cycle_behind() -> None:
+    """Everything a stream made is freed when it ends, not at the next full collection: on
+    asyncio a task that anyio cancels leaves a cycle that holds the event loop's frame, and
+    with it whatever that frame referenced (other requests' connections among them)."""
+    import gc
+
+    from durable_asgi._engine import Producer
+
+    app = StreamApp()
+    mw = durable(app)
+    await call(mw, "/s", headers=KEY)  # the first stream also makes what stays (the store, ...)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        first = await call(mw, "/s", headers={"Durable-Key": "k2"})
+        resumed = await call(mw, "/s", headers={"Durable-Key": "k2"})
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (Producer, BaseException))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert first.body == resumed.body == BODY
+    assert left == []

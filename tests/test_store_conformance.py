@@ -927,6 +927,23 @@ async def test_sqlite_store_survives_a_restart_in_wal_mode(tmp_path: Path) -> No
     db.close()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sqlite_connections_keep_a_small_page_cache(tmp_path: Path) -> None:
+    # SQLite's default cache (2 MB per connection) fills with written pages and stays
+    # allocated in the connection's thread for the life of the process.
+    from durable_asgi.stores.sqlite import PAGE_CACHE_KIB, SQLiteStore
+
+    store = SQLiteStore(tmp_path / "durable.db")
+    try:
+        await produce(store, "/s#1", [b"x" * 100_000] * 20)
+        for conn in (store._writer, store._reader):
+            assert conn is not None
+            rows = await conn.execute_fetchall("PRAGMA cache_size")
+            assert [tuple(row) for row in rows] == [(-PAGE_CACHE_KIB,)]
+    finally:
+        await store.close()
+
+
 _CLAIMER = """
 import asyncio, sys
 from durable_asgi.stores import Lease

@@ -48,7 +48,7 @@ logger = logging.getLogger("durable_asgi")
 #: Bytes per store read (and per write to the client) when replaying.
 READ_SIZE = 256 * 1024
 #: Pending (unstored) bytes at which the handler's `send` waits for the store.
-HIGH_WATER = 1 << 20
+HIGH_WATER = 64 * 1024
 #: Server-sent-event extension names we hide from the app so it sends plain body bytes.
 _HIDDEN_EXTENSIONS = (
     "http.response.pathsend",
@@ -71,6 +71,53 @@ class StreamOptions:
     on_absent: Literal["run", "no_content"] = "run"
 
 
+class Flag:
+    """A one-shot event whose `anyio.Event` is made only when someone waits before it is set:
+    on asyncio an `anyio.Event` costs about 1 KB (with its waiters' deque), a producer has
+    several, and most are never waited on."""
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: anyio.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> None:
+        if self._set:
+            await anyio.lowlevel.checkpoint()
+            return
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+
+def _with_send_errors(asgi: dict[str, Any] | None) -> dict[str, Any]:
+    """The handler's ``scope["asgi"]``, with a ``spec_version`` of at least 2.4.
+
+    Since 2.4 a server's `send` raises `OSError` once the client is gone, and frameworks
+    that see it skip the task they otherwise spawn per response to watch `receive` for a
+    disconnect (Starlette's `StreamingResponse` does). The producer's `send` never fails,
+    since no client can leave it, which 2.4 allows; its `receive` still reports
+    ``http.disconnect`` once the response is complete, as before.
+    """
+    asgi = dict(asgi or {})
+    try:
+        version = tuple(int(part) for part in str(asgi.get("spec_version", "2.0")).split("."))
+    except ValueError:
+        version = ()
+    if version < (2, 4):
+        asgi["spec_version"] = "2.4"
+    return asgi
+
+
 class Producer:
     """Runs the app once for a claimed stream and tees its response into the store."""
 
@@ -81,13 +128,13 @@ class Producer:
         self.options = options
         #: The head as the app sent it (with cookies) — only for the client that started it.
         self.head: tuple[int, Headers] | None = None
-        self.head_ready = anyio.Event()
-        self.done = anyio.Event()
+        self.head_ready = Flag()
+        self.done = Flag()
         self.error: BaseException | None = None
         self.state: FinalState = "failed"
         self.reason = ""
         self._scope = anyio.CancelScope()
-        self._response_complete = anyio.Event()
+        self._response_complete = Flag()
         self._pending: list[bytes] = []
         self._pending_chunks = 0
         self._pending_size = 0
@@ -97,7 +144,13 @@ class Producer:
         self._drained: anyio.Event | None = None  # made when `_send` waits for the writer
         self._closing = False
         self._lost = False
-        self._writer_done = anyio.Event()
+        self._writer_done = False
+        # Cancelled by the writer when it is done. The renew task leaves through this scope of
+        # its own, not by being cancelled from the task group: on asyncio a task cancelled by
+        # its group leaves a reference cycle (anyio's `task_done` keeps the CancelledError, whose
+        # traceback holds the event loop's frame), and with it everything that frame saw, the
+        # connections of that loop iteration included, stays alive until a full collection.
+        self._renewing = anyio.CancelScope()
 
     # -- control ---------------------------------------------------------------------------
 
@@ -122,6 +175,7 @@ class Producer:
         for name in _HIDDEN_EXTENSIONS:
             extensions.pop(name, None)
         scope["extensions"] = extensions
+        scope["asgi"] = _with_send_errors(scope.get("asgi"))
         body_sent = False
 
         async def receive() -> dict[str, Any]:
@@ -140,11 +194,9 @@ class Producer:
                 tasks.start_soon(self._write_loop)
                 tasks.start_soon(self._renew_loop)
                 await self._run_app(app, scope, receive)
-                # The writer stores what is pending, then finishes the stream.
+                # The writer stores what is pending, finishes the stream, and stops the renewals.
                 self._closing = True
                 self._wake.set()
-                await self._writer_done.wait()
-                tasks.cancel_scope.cancel()
         finally:
             if self.engine.producers.get(stream_id) is self:
                 del self.engine.producers[stream_id]
@@ -185,7 +237,7 @@ class Producer:
             self.head_ready.set()
             self._wake.set()
         elif kind == "http.response.body":
-            if self._response_complete.is_set() or self.head is None or self._writer_done.is_set():
+            if self._response_complete.is_set() or self.head is None or self._writer_done:
                 return
             data = message.get("body", b"")
             if data:
@@ -238,8 +290,9 @@ class Producer:
                 await store.finish(lease, "failed", ttl=self.options.ttl, retain=False)
         finally:
             # From here on `_send` drops data, and nothing waits for the store any more.
-            self._writer_done.set()
+            self._writer_done = True
             self._release_sender()
+            self._renewing.cancel()
 
     def _release_sender(self) -> None:
         """Wake `_send` if it waits for the writer to catch up."""
@@ -249,15 +302,18 @@ class Producer:
 
     async def _renew_loop(self) -> None:
         interval = self.options.lease_seconds / 3
-        while True:
-            await anyio.sleep(interval)
-            try:
-                await self.store.renew(self.lease, lease_seconds=self.options.lease_seconds)
-            except LeaseLost:
-                self.revoke("aborted")
-                return
-            except StoreError as exc:
-                logger.warning("durable_asgi: renewing %r failed: %s", self.lease.stream_id, exc)
+        with self._renewing:
+            while True:
+                await anyio.sleep(interval)
+                try:
+                    await self.store.renew(self.lease, lease_seconds=self.options.lease_seconds)
+                except LeaseLost:
+                    self.revoke("aborted")
+                    return
+                except StoreError as exc:
+                    logger.warning(
+                        "durable_asgi: renewing %r failed: %s", self.lease.stream_id, exc
+                    )
 
 
 class Engine:
@@ -449,16 +505,10 @@ async def _pump(
     receive: Receive,
     send: Send,
 ) -> None:
-    async def count_in_and_watch(scope: anyio.CancelScope) -> None:
-        # One task for both (a task costs about 4 KB, and a server may hold thousands).
-        await _count_in(tail)
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        scope.cancel()
-
     error: Exception | None = None
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(count_in_and_watch, tasks.cancel_scope)
+
+    async def pump(scope: anyio.CancelScope) -> None:
+        nonlocal error
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             async for data in tail:
@@ -479,6 +529,17 @@ async def _pump(
             logger.error("durable_asgi: store failed while reading %r: %s", tail.stream_id, exc)
         except Exception as exc:
             error = exc  # re-raised bare below, not wrapped in an ExceptionGroup
+        scope.cancel()  # stop watching
+
+    # The body goes out from a task of its own, and this one counts the reader in and watches
+    # for the client leaving (one task for all three: a task costs a few KB). It is this task,
+    # not the pump, that is cancelled when the body is done: on asyncio a task anyio cancels
+    # from its group leaves a reference cycle (see `Producer._renewing`).
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(pump, tasks.cancel_scope)
+        await _count_in(tail)
+        while (await receive())["type"] != "http.disconnect":
+            pass
         tasks.cancel_scope.cancel()
     if error is not None:
         raise error
