@@ -120,12 +120,20 @@ _endpoint = {"frs": live_frs, "rs": live_rs}.get(VARIANT, live)
 app = Starlette(routes=[Route("/live", _endpoint), Route("/health", health)])
 
 if VARIANT in ("memory", "sqlite", "redis"):
-    from durable_asgi import DurableMiddleware, MemoryStore, SQLiteStore, store_from_url
+    # Each variant imports only the store it uses, as an app would (SQLiteStore brings
+    # sqlite3 and aiosqlite, about 1 MiB).
+    from durable_asgi import DurableMiddleware
 
     if VARIANT == "memory":
+        from durable_asgi import MemoryStore
+
         store: Any = MemoryStore()
     elif VARIANT == "sqlite":
+        from durable_asgi import SQLiteStore
+
         store = SQLiteStore(os.environ.get("LOAD_SQLITE", "/tmp/durable-load.db"))
     else:
+        from durable_asgi import store_from_url
+
         store = store_from_url(REDIS_URL)
     app.add_middleware(DurableMiddleware, store=store)  # type: ignore[arg-type]

@@ -145,12 +145,16 @@ class Producer:
         self._closing = False
         self._lost = False
         self._writer_done = False
-        # Cancelled by the writer when it is done. The renew task leaves through this scope of
+        # Cancelled by the writer when it is done. The keeper task leaves through this scope of
         # its own, not by being cancelled from the task group: on asyncio a task cancelled by
         # its group leaves a reference cycle (anyio's `task_done` keeps the CancelledError, whose
         # traceback holds the event loop's frame), and with it everything that frame saw, the
         # connections of that loop iteration included, stays alive until a full collection.
-        self._renewing = anyio.CancelScope()
+        self._keeping = anyio.CancelScope()
+        #: Wraps the reader of the client whose request started the handler (if it has one).
+        self._client: anyio.CancelScope | None = None
+        #: What that reader raised unexpectedly, for the caller to re-raise.
+        self.client_error: Exception | None = None
 
     # -- control ---------------------------------------------------------------------------
 
@@ -167,9 +171,17 @@ class Producer:
 
     # -- the run -----------------------------------------------------------------------------
 
-    async def run(self, app: Any, scope: Scope, body: bytes) -> None:
-        """Run `app` to its end and record its response. Never raises the app's exception:
-        it is kept in `self.error` for the caller to re-raise where that makes sense."""
+    async def run(
+        self,
+        app: Any,
+        scope: Scope,
+        body: bytes,
+        client: tuple[Receive, Send] | None = None,
+    ) -> None:
+        """Run `app` to its end and record its response, and serve `client` (the request that
+        started it) from the store meanwhile. Never raises the app's exception: it is kept in
+        `self.error` for the caller to re-raise where that makes sense (and one of the client's
+        reader in `self.client_error`)."""
         scope = dict(scope)
         extensions = dict(scope.get("extensions") or {})
         for name in _HIDDEN_EXTENSIONS:
@@ -191,9 +203,13 @@ class Producer:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.cancel_scope.shield = True  # the handler outlives its client's request
+                if client is not None:
+                    self._client = anyio.CancelScope()
+                    tasks.start_soon(self._serve_client, client[1])
                 tasks.start_soon(self._write_loop)
-                tasks.start_soon(self._renew_loop)
+                tasks.start_soon(self._keep, None if client is None else client[0])
                 await self._run_app(app, scope, receive)
+                self.head_ready.set()  # the client's reader ends now if the app sent no head
                 # The writer stores what is pending, finishes the stream, and stops the renewals.
                 self._closing = True
                 self._wake.set()
@@ -292,7 +308,7 @@ class Producer:
             # From here on `_send` drops data, and nothing waits for the store any more.
             self._writer_done = True
             self._release_sender()
-            self._renewing.cancel()
+            self._keeping.cancel()
 
     def _release_sender(self) -> None:
         """Wake `_send` if it waits for the writer to catch up."""
@@ -300,11 +316,34 @@ class Producer:
             self._drained.set()
             self._drained = None
 
-    async def _renew_loop(self) -> None:
+    async def _serve_client(self, send: Send) -> None:
+        """Serve the client whose request started the handler, until the stream ends or the
+        client leaves (`_keep` watches for that, and cancels `_client`)."""
+        assert self._client is not None
+        with self._client:
+            try:
+                await serve_stream(self.store, self, 0, self.options, None, send)
+            except StoreError as exc:
+                logger.error(
+                    "durable_asgi: store failed while serving %r: %s", self.lease.stream_id, exc
+                )
+            except Exception as exc:
+                self.client_error = exc
+
+    async def _keep(self, receive: Receive | None) -> None:
+        """Renew the lease every third of it, and stop the first client's reader when that
+        client leaves (the handler goes on). One task for both: a task costs about 4 KB, and a
+        server may run thousands of streams."""
         interval = self.options.lease_seconds / 3
-        with self._renewing:
+        with self._keeping:
             while True:
-                await anyio.sleep(interval)
+                with anyio.move_on_after(interval):
+                    if receive is not None:
+                        await _until_disconnect(receive)
+                        receive = None
+                        if self._client is not None:
+                            self._client.cancel()
+                    await anyio.sleep_forever()
                 try:
                     await self.store.renew(self.lease, lease_seconds=self.options.lease_seconds)
                 except LeaseLost:
@@ -426,14 +465,14 @@ async def serve_stream(
     stream: StreamInfo | Producer,
     offset: int,
     options: StreamOptions,
-    receive: Receive,
+    receive: Receive | None,
     send: Send,
 ) -> None:
     """Serve one client from the store: head, body from `offset`, then end as the stream did.
 
     `stream` is the `Producer` for the client whose request started the handler: it gets the
-    head as the app sent it (cookies included) and no ``Durable-Replay``. Anyone else passes the
-    stream's `StreamInfo`.
+    head as the app sent it (cookies included) and no ``Durable-Replay``, and its producer
+    watches `receive` for it (pass None). Anyone else passes the stream's `StreamInfo`.
     """
     total: int | None = None
     if isinstance(stream, Producer):
@@ -477,8 +516,14 @@ async def serve_stream(
         rewrite_body=sse,
     )
     tail = Tail(store, stream_id, generation, offset, options.poll_interval)
+    ids = SSEIds(offset) if sse else None
     try:
-        await _pump(tail, status, out_headers, SSEIds(offset) if sse else None, receive, send)
+        if receive is None:
+            error = await _send_body(tail, status, out_headers, ids, send, count_in=True)
+            if error is not None:
+                raise error
+        else:
+            await _pump(tail, status, out_headers, ids, receive, send)
     finally:
         if tail.counted:
             with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
@@ -497,6 +542,53 @@ async def _count_in(tail: Tail) -> None:
             tail.counted = True
 
 
+async def _until_disconnect(receive: Receive) -> None:
+    """Return when the client has left (or its response is complete: ASGI servers answer
+    ``http.disconnect`` then too). A server whose `receive` fails counts as gone."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception as exc:
+        logger.warning("durable_asgi: receive() failed, taking the client as gone: %r", exc)
+
+
+async def _send_body(
+    tail: Tail,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    ids: SSEIds | None,
+    send: Send,
+    *,
+    count_in: bool = False,
+) -> Exception | None:
+    """Send the head, then the body as `tail` yields it, then end as the stream did. Returns
+    (not raises) an unexpected exception. `count_in`: count the reader in once its first
+    chunk is out (so a shared store's round trip stays off the time to first byte)."""
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        async for data in tail:
+            if ids is not None:
+                data = ids.feed(data)
+                if not data:
+                    continue
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            if count_in and not tail.counted:
+                await _count_in(tail)
+        if tail.end == "complete":
+            last = ids.flush() if ids is not None else b""
+            await send({"type": "http.response.body", "body": last, "more_body": False})
+        # Otherwise end without completing the body: the server closes the connection,
+        # so the client sees a truncated response, never a clean end.
+    except OSError:
+        pass  # ASGI 2.4+ servers raise OSError on send after the client left.
+    except StoreError as exc:
+        # Headers are out: the only honest answer left is a truncated body.
+        logger.error("durable_asgi: store failed while reading %r: %s", tail.stream_id, exc)
+    except Exception as exc:
+        return exc  # re-raised bare by the caller, not wrapped in an ExceptionGroup
+    return None
+
+
 async def _pump(
     tail: Tail,
     status: int,
@@ -507,39 +599,19 @@ async def _pump(
 ) -> None:
     error: Exception | None = None
 
-    async def pump(scope: anyio.CancelScope) -> None:
+    async def body(scope: anyio.CancelScope) -> None:
         nonlocal error
-        try:
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            async for data in tail:
-                if ids is not None:
-                    data = ids.feed(data)
-                    if not data:
-                        continue
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            if tail.end == "complete":
-                last = ids.flush() if ids is not None else b""
-                await send({"type": "http.response.body", "body": last, "more_body": False})
-            # Otherwise end without completing the body: the server closes the connection,
-            # so the client sees a truncated response, never a clean end.
-        except OSError:
-            pass  # ASGI 2.4+ servers raise OSError on send after the client left.
-        except StoreError as exc:
-            # Headers are out: the only honest answer left is a truncated body.
-            logger.error("durable_asgi: store failed while reading %r: %s", tail.stream_id, exc)
-        except Exception as exc:
-            error = exc  # re-raised bare below, not wrapped in an ExceptionGroup
+        error = await _send_body(tail, status, headers, ids, send)
         scope.cancel()  # stop watching
 
     # The body goes out from a task of its own, and this one counts the reader in and watches
-    # for the client leaving (one task for all three: a task costs a few KB). It is this task,
-    # not the pump, that is cancelled when the body is done: on asyncio a task anyio cancels
-    # from its group leaves a reference cycle (see `Producer._renewing`).
+    # for the client leaving (one task for all three: a task costs about 4 KB). It is this
+    # task, not the body's, that is cancelled when the body is done: on asyncio a task anyio
+    # cancels from its group leaves a reference cycle (see `Producer._keeping`).
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(pump, tasks.cancel_scope)
+        tasks.start_soon(body, tasks.cancel_scope)
         await _count_in(tail)
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        await _until_disconnect(receive)
         tasks.cancel_scope.cancel()
     if error is not None:
         raise error

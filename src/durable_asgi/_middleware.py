@@ -424,25 +424,12 @@ class _Exchange:
             return
 
         producer = Producer(mw.engine, claimed, options)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._serve_first, producer)
-            await producer.run(mw.app, self.scope, body)
+        await producer.run(mw.app, self.scope, body, (self.receive, self.send))
         if producer.error is not None:
             # Surface the handler's exception as the app alone would have (error pages, logs).
             raise producer.error
-
-    async def _serve_first(self, producer: Producer) -> None:
-        try:
-            await serve_stream(
-                self.middleware.engine.store,
-                producer,
-                0,
-                self.config.stream,
-                self.receive,
-                self.send,
-            )
-        except StoreError as exc:
-            logger.error("durable_asgi: store failed while serving %r: %s", self.stream_id, exc)
+        if producer.client_error is not None:
+            raise producer.client_error
 
     async def _control(self, control: Control) -> None:
         mw = self.middleware
