@@ -777,3 +777,50 @@ async def test_a_finished_stream_leaves_no_reference_cycle_behind() -> None:
         gc.enable()
     assert first.body == resumed.body == BODY
     assert left == []
+
+
+async def test_a_first_client_that_stops_reading_does_not_hold_the_stream_open() -> None:
+    """The stream is done (final, no longer this process's to abort or shut down) when its
+    handler and the store are, however far its first client has read; and cancelling that
+    client's request stops its reader (the handler's task group is shielded, the reader's not)."""
+    app = StreamApp()
+    mw = durable(app)
+    head_sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal head_sent
+        if not head_sent:
+            head_sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            await anyio.sleep_forever()  # the client stopped reading after the head
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/s",
+        "raw_path": b"/s",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver"), (b"durable-key", b"k1")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "extensions": {},
+    }
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mw, scope, receive, send)
+            await anyio.wait_all_tasks_blocked()
+            assert app.finished == 1
+            assert mw.engine.producers == {}
+            status = await mw.status("k1", namespace="/s")
+            assert status is not None and status["state"] == "complete"
+            tg.cancel_scope.cancel()  # the request is cancelled: its stuck reader must go
+    assert app.calls == 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -151,8 +151,8 @@ class Producer:
         # traceback holds the event loop's frame), and with it everything that frame saw, the
         # connections of that loop iteration included, stays alive until a full collection.
         self._keeping = anyio.CancelScope()
-        #: Wraps the reader of the client whose request started the handler (if it has one).
-        self._client: anyio.CancelScope | None = None
+        #: Wraps `serve_client`, the reader of the client whose request started the handler.
+        self._client = anyio.CancelScope()
         #: What that reader raised unexpectedly, for the caller to re-raise.
         self.client_error: Exception | None = None
 
@@ -172,16 +172,13 @@ class Producer:
     # -- the run -----------------------------------------------------------------------------
 
     async def run(
-        self,
-        app: Any,
-        scope: Scope,
-        body: bytes,
-        client: tuple[Receive, Send] | None = None,
+        self, app: Any, scope: Scope, body: bytes, receive: Receive | None = None
     ) -> None:
-        """Run `app` to its end and record its response, and serve `client` (the request that
-        started it) from the store meanwhile. Never raises the app's exception: it is kept in
-        `self.error` for the caller to re-raise where that makes sense (and one of the client's
-        reader in `self.client_error`)."""
+        """Run `app` to its end and record its response. Never raises the app's exception:
+        it is kept in `self.error` for the caller to re-raise where that makes sense.
+
+        `receive` is the channel of the client whose request started the handler, served
+        meanwhile by `serve_client`: the producer watches it for that client leaving."""
         scope = dict(scope)
         extensions = dict(scope.get("extensions") or {})
         for name in _HIDDEN_EXTENSIONS:
@@ -190,7 +187,7 @@ class Producer:
         scope["asgi"] = _with_send_errors(scope.get("asgi"))
         body_sent = False
 
-        async def receive() -> dict[str, Any]:
+        async def app_receive() -> dict[str, Any]:
             nonlocal body_sent
             if not body_sent:
                 body_sent = True
@@ -203,21 +200,23 @@ class Producer:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.cancel_scope.shield = True  # the handler outlives its client's request
-                if client is not None:
-                    self._client = anyio.CancelScope()
-                    tasks.start_soon(self._serve_client, client[1])
                 tasks.start_soon(self._write_loop)
-                tasks.start_soon(self._keep, None if client is None else client[0])
-                await self._run_app(app, scope, receive)
+                tasks.start_soon(self._keep, receive)
+                await self._run_app(app, scope, app_receive)
                 self.head_ready.set()  # the client's reader ends now if the app sent no head
                 # The writer stores what is pending, finishes the stream, and stops the renewals.
                 self._closing = True
                 self._wake.set()
         finally:
-            if self.engine.producers.get(stream_id) is self:
-                del self.engine.producers[stream_id]
             self.head_ready.set()
-            self.done.set()
+            self._ended()
+
+    def _ended(self) -> None:
+        """The stream is final (or never will be written again): `done`, and no longer this
+        process's to abort or shut down — whether or not its first client has read it all."""
+        if self.engine.producers.get(self.lease.stream_id) is self:
+            del self.engine.producers[self.lease.stream_id]
+        self.done.set()
 
     async def _run_app(self, app: Any, scope: Scope, receive: Any) -> None:
         deadline = self.options.max_duration
@@ -309,6 +308,8 @@ class Producer:
             self._writer_done = True
             self._release_sender()
             self._keeping.cancel()
+            if self._closing:  # the app has returned too: only the first client's reader is left
+                self._ended()
 
     def _release_sender(self) -> None:
         """Wake `_send` if it waits for the writer to catch up."""
@@ -316,10 +317,10 @@ class Producer:
             self._drained.set()
             self._drained = None
 
-    async def _serve_client(self, send: Send) -> None:
+    async def serve_client(self, send: Send) -> None:
         """Serve the client whose request started the handler, until the stream ends or the
-        client leaves (`_keep` watches for that, and cancels `_client`)."""
-        assert self._client is not None
+        client leaves (`run` watches for that, and cancels `_client`). Run it beside `run`,
+        outside its shielded task group, so that cancelling the request stops it."""
         with self._client:
             try:
                 await serve_stream(self.store, self, 0, self.options, None, send)
@@ -341,8 +342,7 @@ class Producer:
                     if receive is not None:
                         await _until_disconnect(receive)
                         receive = None
-                        if self._client is not None:
-                            self._client.cancel()
+                        self._client.cancel()
                     await anyio.sleep_forever()
                 try:
                     await self.store.renew(self.lease, lease_seconds=self.options.lease_seconds)
@@ -432,7 +432,7 @@ class Tail:
         self.counted = False
         """Whether this reader was counted in `StreamInfo.readers` (and must be counted out)."""
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncGenerator[bytes, None]:
         store, stream_id, generation = self.store, self.stream_id, self.generation
         while True:
             info, data = await store.read(stream_id, self.offset, READ_SIZE)
@@ -566,14 +566,16 @@ async def _send_body(
     chunk is out (so a shared store's round trip stays off the time to first byte)."""
     try:
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        async for data in tail:
-            if ids is not None:
-                data = ids.feed(data)
-                if not data:
-                    continue
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-            if count_in and not tail.counted:
-                await _count_in(tail)
+        # Closed here, not by the garbage collector, when the reader is cancelled mid-stream.
+        async with contextlib.aclosing(tail.__aiter__()) as chunks:
+            async for data in chunks:
+                if ids is not None:
+                    data = ids.feed(data)
+                    if not data:
+                        continue
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                if count_in and not tail.counted:
+                    await _count_in(tail)
         if tail.end == "complete":
             last = ids.flush() if ids is not None else b""
             await send({"type": "http.response.body", "body": last, "more_body": False})

@@ -424,7 +424,9 @@ class _Exchange:
             return
 
         producer = Producer(mw.engine, claimed, options)
-        await producer.run(mw.app, self.scope, body, (self.receive, self.send))
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(producer.serve_client, self.send)
+            await producer.run(mw.app, self.scope, body, self.receive)
         if producer.error is not None:
             # Surface the handler's exception as the app alone would have (error pages, logs).
             raise producer.error
