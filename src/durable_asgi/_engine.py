@@ -574,7 +574,8 @@ async def _send_body(
                     if not data:
                         continue
                 await send({"type": "http.response.body", "body": data, "more_body": True})
-                if count_in and not tail.counted:
+                if count_in:  # once, whether or not the store takes it
+                    count_in = False
                     await _count_in(tail)
         if tail.end == "complete":
             last = ids.flush() if ids is not None else b""
