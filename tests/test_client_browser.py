@@ -180,7 +180,9 @@ def test_cuts_at_random_bytes_even_inside_headers_render_it_exactly_once(site: S
     site.evaluate("ask('hello')")
     result = site.wait_for_result()
     assert result["ok"], result
-    assert site.text() == MODEL_TEXT
+    # Failed about once in 90 runs with an empty #out and ok=True; say what the client saw.
+    seen = (result, site.evaluate("window.reconnects"), site.proxy.cuts, site.model.calls)
+    assert site.text() == MODEL_TEXT, seen
     assert site.proxy.cuts >= 4  # the answer may end before the plan does
     assert (site.model.calls, site.model.finished) == (1, 1)
 
