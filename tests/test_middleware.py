@@ -779,6 +779,46 @@ async def test_a_finished_stream_leaves_no_reference_cycle_behind() -> None:
     assert left == []
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_clients_that_leave_mid_stream_leave_no_reference_cycle_behind() -> None:
+    """The same when the first client and a resumer leave before the end: their readers stop
+    through cancel scopes of their own, never by anyio cancelling a task from its group."""
+    import gc
+
+    from durable_asgi._engine import Producer
+
+    app = StreamApp(pause_at=2)
+    mw = durable(app)
+    app.release.set()  # the first stream runs through; the next pauses until released
+    await call(mw, "/s", headers=KEY)
+    app.release.clear()
+    app.paused.clear()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        results: list[Any] = []
+        async with anyio.create_task_group() as tg:
+
+            async def first() -> None:
+                result = await call(mw, "/s", headers={"Durable-Key": "k2"}, disconnect_after=1)
+                results.append(result)
+
+            tg.start_soon(first)
+            await wait_thread_event(app.paused)
+            results.append(await call(mw, "/s", headers={"Durable-Key": "k2"}, disconnect_after=1))
+            app.release.set()
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (Producer, BaseException))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert [r.disconnected for r in results] == [True, True]
+    assert app.finished == 2
+    assert left == []
+
+
 async def test_a_first_client_that_stops_reading_does_not_hold_the_stream_open() -> None:
     """The stream is done (final, no longer this process's to abort or shut down) when its
     handler and the store are, however far its first client has read; and cancelling that

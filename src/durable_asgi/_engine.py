@@ -19,6 +19,7 @@ slows the producer, and the first client and a resumer see exactly the same byte
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
@@ -69,6 +70,14 @@ class StreamOptions:
     poll_interval: float
     on_finished: Literal["replay", "rerun", "no_content"] = "replay"
     on_absent: Literal["run", "no_content"] = "run"
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio event loop, or None on another backend (trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class Flag:
@@ -197,11 +206,19 @@ class Producer:
 
         stream_id = self.lease.stream_id
         self.engine.producers[stream_id] = self
+        keeper: asyncio.Task[None] | None = None
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.cancel_scope.shield = True  # the handler outlives its client's request
                 tasks.start_soon(self._write_loop)
-                tasks.start_soon(self._keep, receive)
+                loop = _asyncio_loop()
+                if loop is None:
+                    tasks.start_soon(self._keep, receive)
+                else:
+                    # A bare task (about 1.3 KB; an anyio task costs about 4 KB, and a server
+                    # may run thousands of streams). It never raises, and leaves through
+                    # `_keeping`, which the writer cancels when it is done (and `finally` below).
+                    keeper = loop.create_task(self._keep(receive))
                 await self._run_app(app, scope, app_receive)
                 self.head_ready.set()  # the client's reader ends now if the app sent no head
                 # The writer stores what is pending, finishes the stream, and stops the renewals.
@@ -209,6 +226,8 @@ class Producer:
                 self._wake.set()
         finally:
             self.head_ready.set()
+            if keeper is not None and not keeper.done():
+                self._keeping.cancel()
             self._ended()
 
     def _ended(self) -> None:
@@ -333,8 +352,8 @@ class Producer:
 
     async def _keep(self, receive: Receive | None) -> None:
         """Renew the lease every third of it, and stop the first client's reader when that
-        client leaves (the handler goes on). One task for both: a task costs about 4 KB, and a
-        server may run thousands of streams."""
+        client leaves (the handler goes on). One task for both. Never raises: on asyncio it is a
+        bare task, outside any task group."""
         interval = self.options.lease_seconds / 3
         with self._keeping:
             while True:
@@ -353,6 +372,8 @@ class Producer:
                     logger.warning(
                         "durable_asgi: renewing %r failed: %s", self.lease.stream_id, exc
                     )
+                except Exception:
+                    logger.exception("durable_asgi: renewing %r failed", self.lease.stream_id)
 
 
 class Engine:
@@ -519,7 +540,7 @@ async def serve_stream(
     ids = SSEIds(offset) if sse else None
     try:
         if receive is None:
-            error = await _send_body(tail, status, out_headers, ids, send, count_in=True)
+            error = await _send_body(tail, status, out_headers, ids, send)
             if error is not None:
                 raise error
         else:
@@ -531,8 +552,7 @@ async def serve_stream(
 
 
 async def _count_in(tail: Tail) -> None:
-    """Count the reader in (`StreamInfo.readers`) alongside its first read, not before it:
-    a shared store's round trip stays off the time to first byte."""
+    """Count the reader in (`StreamInfo.readers`)."""
     with anyio.CancelScope(shield=True):  # so that the count out knows whether to run
         try:
             await tail.store.attach(tail.stream_id, +1)
@@ -558,12 +578,11 @@ async def _send_body(
     headers: list[tuple[bytes, bytes]],
     ids: SSEIds | None,
     send: Send,
-    *,
-    count_in: bool = False,
 ) -> Exception | None:
     """Send the head, then the body as `tail` yields it, then end as the stream did. Returns
-    (not raises) an unexpected exception. `count_in`: count the reader in once its first
-    chunk is out (so a shared store's round trip stays off the time to first byte)."""
+    (not raises) an unexpected exception. The reader is counted in once its first chunk is
+    out (so a shared store's round trip stays off the time to first byte)."""
+    count_in = True
     try:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         # Closed here, not by the garbage collector, when the reader is cancelled mid-stream.
@@ -600,21 +619,29 @@ async def _pump(
     receive: Receive,
     send: Send,
 ) -> None:
+    """Send the body from this task while another watches `receive`, and stop the body when
+    the client leaves. On asyncio the watcher is a bare task (about 1.3 KB, against about 4 KB
+    for an anyio task and 1 KB for its task group, and a server may serve thousands of
+    readers); it never raises, and is cancelled when the body is done."""
     error: Exception | None = None
-
-    async def body(scope: anyio.CancelScope) -> None:
-        nonlocal error
-        error = await _send_body(tail, status, headers, ids, send)
-        scope.cancel()  # stop watching
-
-    # The body goes out from a task of its own, and this one counts the reader in and watches
-    # for the client leaving (one task for all three: a task costs about 4 KB). It is this
-    # task, not the body's, that is cancelled when the body is done: on asyncio a task anyio
-    # cancels from its group leaves a reference cycle (see `Producer._keeping`).
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(body, tasks.cancel_scope)
-        await _count_in(tail)
-        await _until_disconnect(receive)
-        tasks.cancel_scope.cancel()
+    with anyio.CancelScope() as reading:
+        loop = _asyncio_loop()
+        if loop is not None:
+            watcher = loop.create_task(_watch(receive, reading))
+            try:
+                error = await _send_body(tail, status, headers, ids, send)
+            finally:
+                watcher.cancel()
+        else:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_watch, receive, reading)
+                error = await _send_body(tail, status, headers, ids, send)
+                tasks.cancel_scope.cancel()
     if error is not None:
         raise error
+
+
+async def _watch(receive: Receive, reading: anyio.CancelScope) -> None:
+    """Cancel `reading` once the client behind `receive` has left."""
+    await _until_disconnect(receive)
+    reading.cancel()
