@@ -2,7 +2,7 @@
 
 A *producer* runs the whole downstream app under fake channels: `receive` replays the buffered
 request body and never reports a disconnect before the response is done; `send` tees the
-response into the store and never raises. It runs in a task group with a shielded cancel
+response into the store and never raises. It runs in a task of its own under a shielded cancel
 scope, so the client leaving (or the server cancelling the request task) never cancels the
 handler; only abort, delete, ``max_duration`` and shutdown do, through the producer's own
 cancel scope.
@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
+from anyio.abc import TaskGroup
 
 from ._protocol import SSEIds, is_event_stream, replay_headers, send_json, stored_headers
 from ._types import Receive, Scope, Send
@@ -77,6 +78,55 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
+        return None
+
+
+class Beside:
+    """Tasks that run beside the block of an ``async with``, which waits for them at its end
+    (shielded: a cancelled caller still waits). They end on their own or by `cancel()`; they
+    must not raise (an error is re-raised at the end of the block, not when it happens).
+
+    On asyncio they are bare tasks, about 1.3 KB each, where an anyio task costs about 4 KB
+    (its handle comes with a cancel scope and an event) and its task group 1.6 KB more; a
+    server runs thousands of streams, each with a few. Nothing outside reaches them, so the
+    caller's cancellation doesn't either. On other backends (trio) they run in an anyio task
+    group, where the caller's cancellation does reach them: shield what must outlive it.
+    """
+
+    __slots__ = ("_group", "_tasks")
+
+    def __init__(self) -> None:
+        self._group: TaskGroup | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def __aenter__(self) -> Beside:
+        if _asyncio_loop() is None:
+            self._group = anyio.create_task_group()
+            await self._group.__aenter__()
+        return self
+
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        if self._group is not None:
+            self._group.start_soon(func, *args)
+        else:
+            self._tasks.append(asyncio.ensure_future(func(*args)))
+
+    def cancel(self) -> None:
+        """Stop the tasks (on trio, the rest of the block too)."""
+        if self._group is not None:
+            self._group.cancel_scope.cancel()
+        for task in self._tasks:
+            task.cancel()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        if self._group is not None:
+            return await self._group.__aexit__(*exc_info)
+        if self._tasks:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(self._tasks)
+            for task in self._tasks:
+                if not task.cancelled() and (error := task.exception()) is not None:
+                    raise error
         return None
 
 
@@ -154,11 +204,7 @@ class Producer:
         self._closing = False
         self._lost = False
         self._writer_done = False
-        # Cancelled by the writer when it is done. The keeper task leaves through this scope of
-        # its own, not by being cancelled from the task group: on asyncio a task cancelled by
-        # its group leaves a reference cycle (anyio's `task_done` keeps the CancelledError, whose
-        # traceback holds the event loop's frame), and with it everything that frame saw, the
-        # connections of that loop iteration included, stays alive until a full collection.
+        #: The keeper runs in it until the writer, when done, cancels it.
         self._keeping = anyio.CancelScope()
         #: Wraps `serve_client`, the reader of the client whose request started the handler.
         self._client = anyio.CancelScope()
@@ -206,28 +252,22 @@ class Producer:
 
         stream_id = self.lease.stream_id
         self.engine.producers[stream_id] = self
-        keeper: asyncio.Task[None] | None = None
         try:
-            async with anyio.create_task_group() as tasks:
-                tasks.cancel_scope.shield = True  # the handler outlives its client's request
-                tasks.start_soon(self._write_loop)
-                loop = _asyncio_loop()
-                if loop is None:
-                    tasks.start_soon(self._keep, receive)
-                else:
-                    # A bare task (about 1.3 KB; an anyio task costs about 4 KB, and a server
-                    # may run thousands of streams). It never raises, and leaves through
-                    # `_keeping`, which the writer cancels when it is done (and `finally` below).
-                    keeper = loop.create_task(self._keep(receive))
-                await self._run_app(app, scope, app_receive)
-                self.head_ready.set()  # the client's reader ends now if the app sent no head
-                # The writer stores what is pending, finishes the stream, and stops the renewals.
-                self._closing = True
-                self._wake.set()
+            # The handler outlives its client's request: nothing but `cancel` stops it.
+            with anyio.CancelScope(shield=True):
+                async with Beside() as beside:
+                    beside.start_soon(self._write_loop)
+                    beside.start_soon(self._keep, receive)
+                    try:
+                        await self._run_app(app, scope, app_receive)
+                    finally:
+                        self.head_ready.set()  # the client's reader ends now if no head came
+                        # The writer stores what is pending, finishes the stream, and stops
+                        # the keeper.
+                        self._closing = True
+                        self._wake.set()
         finally:
             self.head_ready.set()
-            if keeper is not None and not keeper.done():
-                self._keeping.cancel()
             self._ended()
 
     def _ended(self) -> None:
@@ -336,10 +376,19 @@ class Producer:
             self._drained.set()
             self._drained = None
 
+    async def serve(
+        self, app: Any, scope: Scope, body: bytes, receive: Receive, send: Send
+    ) -> None:
+        """Run `app` (see `run`) for the client whose request this is, and serve that client
+        meanwhile. Returns when both are done; cancelling it stops the client's reader only.
+        Never raises the app's exception (`self.error`) or the reader's (`self.client_error`)."""
+        async with Beside() as beside:
+            beside.start_soon(self.run, app, scope, body, receive)
+            await self.serve_client(send)
+
     async def serve_client(self, send: Send) -> None:
         """Serve the client whose request started the handler, until the stream ends or the
-        client leaves (`run` watches for that, and cancels `_client`). Run it beside `run`,
-        outside its shielded task group, so that cancelling the request stops it."""
+        client leaves (`run` watches for that, and cancels `_client`)."""
         with self._client:
             try:
                 await serve_stream(self.store, self, 0, self.options, None, send)
@@ -352,8 +401,7 @@ class Producer:
 
     async def _keep(self, receive: Receive | None) -> None:
         """Renew the lease every third of it, and stop the first client's reader when that
-        client leaves (the handler goes on). One task for both. Never raises: on asyncio it is a
-        bare task, outside any task group."""
+        client leaves (the handler goes on). One task for both. Never raises."""
         interval = self.options.lease_seconds / 3
         with self._keeping:
             while True:
@@ -620,23 +668,15 @@ async def _pump(
     send: Send,
 ) -> None:
     """Send the body from this task while another watches `receive`, and stop the body when
-    the client leaves. On asyncio the watcher is a bare task (about 1.3 KB, against about 4 KB
-    for an anyio task and 1 KB for its task group, and a server may serve thousands of
-    readers); it never raises, and is cancelled when the body is done."""
+    the client leaves."""
     error: Exception | None = None
     with anyio.CancelScope() as reading:
-        loop = _asyncio_loop()
-        if loop is not None:
-            watcher = loop.create_task(_watch(receive, reading))
+        async with Beside() as beside:
+            beside.start_soon(_watch, receive, reading)
             try:
                 error = await _send_body(tail, status, headers, ids, send)
             finally:
-                watcher.cancel()
-        else:
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(_watch, receive, reading)
-                error = await _send_body(tail, status, headers, ids, send)
-                tasks.cancel_scope.cancel()
+                beside.cancel()
     if error is not None:
         raise error
 

@@ -424,9 +424,7 @@ class _Exchange:
             return
 
         producer = Producer(mw.engine, claimed, options)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(producer.serve_client, self.send)
-            await producer.run(mw.app, self.scope, body, self.receive)
+        await producer.serve(mw.app, self.scope, body, self.receive, self.send)
         if producer.error is not None:
             # Surface the handler's exception as the app alone would have (error pages, logs).
             raise producer.error
