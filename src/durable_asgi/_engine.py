@@ -83,8 +83,9 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
 
 class Beside:
     """Tasks that run beside the block of an ``async with``, which waits for them at its end
-    (shielded: a cancelled caller still waits). They end on their own or by `cancel()`; they
-    must not raise (an error is re-raised at the end of the block, not when it happens).
+    (shielded: a cancelled caller still waits). They end on their own or by `cancel()`, and
+    must not raise: an error is raised from the end of the block (on trio it also cancels the
+    block, as anyio's task groups do).
 
     On asyncio they are bare tasks, about 1.3 KB each, where an anyio task costs about 4 KB
     (its handle comes with a cancel scope and an event) and its task group 1.6 KB more; a
