@@ -1,4 +1,5 @@
-"""Engine internals: `Beside`, the tasks a stream runs beside its request (asyncio and trio)."""
+"""Internals: `Beside`, the tasks a stream runs beside its request, and `Notifier`, the stores'
+in-process wake-ups (asyncio and trio)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import anyio
 import pytest
 
 from durable_asgi._engine import Beside
+from durable_asgi.stores._base import Notifier
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -73,3 +75,41 @@ async def test_beside_raises_a_task_error_when_the_block_ends() -> None:
     while isinstance(error, BaseExceptionGroup):
         (error,) = error.exceptions
     assert isinstance(error, ValueError) and str(error) == "boom"
+
+
+async def test_notifier_wakes_every_waiter_of_a_stream_and_only_those() -> None:
+    notifier = Notifier()
+    woken: list[str] = []
+
+    async def waiter(stream_id: str, name: str) -> None:
+        await notifier.wait(stream_id, notifier.event(stream_id), 60.0)
+        woken.append(name)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tasks:
+            for name in ("a1", "a2"):
+                tasks.start_soon(waiter, "a", name)
+            tasks.start_soon(waiter, "b", "b1")
+            await anyio.wait_all_tasks_blocked()
+            notifier.notify("a")
+            await anyio.wait_all_tasks_blocked()
+            assert sorted(woken) == ["a1", "a2"]
+            notifier.notify("b")
+    assert sorted(woken) == ["a1", "a2", "b1"]
+
+
+async def test_notifier_wait_ends_at_its_timeout_even_beside_a_longer_one() -> None:
+    """On asyncio a stream's waiters share one timer: a short timeout is not held up by a
+    longer one taken before it (the long waiter may wake early too: callers re-check)."""
+    notifier = Notifier()
+    event = notifier.event("s")
+
+    async def long_waiter() -> None:
+        await notifier.wait("s", event, 60.0)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(long_waiter)
+        await anyio.wait_all_tasks_blocked()
+        with anyio.fail_after(5):
+            await notifier.wait("s", notifier.event("s"), 0.05)
+        tasks.cancel_scope.cancel()

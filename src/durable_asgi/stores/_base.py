@@ -21,6 +21,7 @@ pass. All times are Unix seconds (wall clock) because several processes share a 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import secrets
@@ -259,18 +260,25 @@ def stream_id(namespace: str, key: str, owner: str | None = None) -> str:
 class Notifier:
     """In-process wake-ups per stream: one `anyio.Event` per waited-on stream.
 
-    A store calls `notify(id)` after every change it makes; `wait(id, timeout)` returns on the next
-    notify. Cheap when nobody waits (no event is created). Used by every bundled store so readers
-    in the producer's process are woken without polling.
+    A store calls `notify(id)` after every change it makes; `wait(id, event, timeout)` returns
+    on the next notify, or after `timeout` at the latest (sooner is allowed: callers re-check).
+    Cheap when nobody waits (no event is created). On asyncio the waiters of a stream share one
+    timer, where a timed wait each would cost every waiting reader a cancel scope (~600 B) and a
+    timer, made and dropped for every chunk. Used by every bundled store so readers in the
+    producer's process are woken without polling.
     """
 
     def __init__(self) -> None:
         self._events: dict[str, anyio.Event] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     def notify(self, stream_id: str) -> None:
         event = self._events.pop(stream_id, None)
         if event is not None:
             event.set()
+        timer = self._timers.pop(stream_id, None)
+        if timer is not None:
+            timer.cancel()
 
     def event(self, stream_id: str) -> anyio.Event:
         """The event the next `notify(stream_id)` sets. Take it *before* checking for changes."""
@@ -279,12 +287,24 @@ class Notifier:
             event = self._events[stream_id] = anyio.Event()
         return event
 
-    async def wait(self, event: anyio.Event, timeout: float) -> None:
-        if math.isfinite(timeout):
+    async def wait(self, stream_id: str, event: anyio.Event, timeout: float) -> None:
+        """Wait for `event` (from `self.event(stream_id)`), `timeout` seconds at most."""
+        if event.is_set() or not math.isfinite(timeout):
+            await event.wait()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # another backend (trio)
             with anyio.move_on_after(timeout):
                 await event.wait()
-        else:
-            await event.wait()
+            return
+        when = loop.time() + timeout
+        timer = self._timers.get(stream_id)
+        if timer is None or timer.when() > when:
+            if timer is not None:
+                timer.cancel()
+            self._timers[stream_id] = loop.call_at(when, self.notify, stream_id)
+        await event.wait()
 
 
 def join(parts: Sequence[bytes]) -> bytes:

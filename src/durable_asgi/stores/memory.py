@@ -230,7 +230,7 @@ class MemoryStore:
             info.version,
         ):
             return
-        await self._notifier.wait(event, timeout)
+        await self._notifier.wait(info.id, event, timeout)
 
     async def attach(self, stream_id: str, delta: int) -> None:
         stream = self._streams.get(stream_id)

@@ -921,7 +921,7 @@ class RedisStore:
             # renewal) raise LeaseLost, which notifies too; until then `timeout` bounds it.
             event = self._notifier.event(stream_id)
             if mine.info.version == info.version:
-                await self._notifier.wait(event, timeout)
+                await self._notifier.wait(stream_id, event, timeout)
             return
         tail = self._tails.get(stream_id)
         if tail is None:
@@ -930,10 +930,13 @@ class RedisStore:
             tail.task = asyncio.create_task(self._follow(stream_id, tail))
         resets = tail.resets
         tail.waiters += 1
+        deadline = anyio.current_time() + timeout
         try:
-            with anyio.move_on_after(timeout):
-                while not tail.newer_than(info) and tail.resets == resets:
-                    await self._notifier.event(stream_id).wait()
+            while not tail.newer_than(info) and tail.resets == resets:
+                left = deadline - anyio.current_time()
+                if left <= 0:
+                    break
+                await self._notifier.wait(stream_id, self._notifier.event(stream_id), left)
         finally:
             tail.waiters -= 1
             tail.idle_since = time.monotonic()

@@ -748,8 +748,7 @@ class SQLiteStore:
             if self._poller is None:
                 self._poller = asyncio.create_task(self._poll())
         try:
-            with anyio.move_on_after(remaining):
-                await event.wait()
+            await self._notifier.wait(stream_id, event, remaining)
         finally:
             if polled:
                 left = self._watchers.pop(stream_id) - 1
