@@ -371,6 +371,9 @@ async def test_own_streams_are_read_from_memory_older_bytes_from_redis(
         (len(body) + 4095) // 4096,
     )
     assert sent == []  # from memory
+    joined = await store.claim("/copy#1", lease_seconds=5)  # a request joining it
+    assert joined == info
+    assert sent == []  # not claimable, and known here: no round trip either
     info, data = await store.read("/copy#1", 0, 1 << 20)
     assert data == body
     assert sent == ["read"]  # the start is older than the copy: from Redis

@@ -28,8 +28,8 @@ SHA-256 (a raw tag never starts with ``#``, so the two forms cannot collide).
   the rest with ``XRANGE``, in one script together with the metadata snapshot. Streams this
   process produces are also kept in memory as of their last acknowledged write (`LocalCopy`:
   the snapshot and the newest `LOCAL_BYTES` of body), so the client that started a stream and
-  the readers that join it on the same worker read without a round trip; only older bytes and
-  other processes' streams are read from Redis.
+  the requests that join it on the same worker join and read without a round trip; only older
+  bytes and other processes' streams are read from Redis.
 - **wait()**: this process's own writes wake its readers through a `Notifier`, no round trip.
   For changes made elsewhere, one background task per stream this process waits on (and does
   not produce) runs ``XREAD BLOCK`` on the stream's tiny ``ev`` stream — not on the body, so a
@@ -796,6 +796,14 @@ class RedisStore:
     async def claim(
         self, stream_id: str, *, lease_seconds: float, replace: bool = False
     ) -> Lease | StreamInfo:
+        mine = self._producing.get(stream_id)
+        if mine is not None:
+            # Produced here: running (as of its last acknowledged write), so not claimable —
+            # a request joining it costs no round trip. (Another process's abort or delete
+            # reaches this process at the producer's next write, as for its reads.)
+            info = effective(mine.info)
+            if info.state == "running":
+                return info
         token = new_token()
         lease_ms = max(1, _ms(lease_seconds))
         args = (token, -1, _ms(self.orphan_ttl), stream_id, lease_ms, int(replace))
