@@ -21,12 +21,15 @@ from ._middleware import DurableMiddleware
 from ._request import DurableRequest
 from .exceptions import (
     BadRequest,
+    ClientDisconnected,
     ConfigurationError,
+    DurableClientError,
     DurableError,
     LeaseLost,
     RequestTooLarge,
     StoreError,
     StoreFull,
+    StreamFailed,
 )
 from .keys import Key
 from .stores import Lease, MemoryStore, Store, StreamInfo, store_from_url
@@ -47,7 +50,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BadRequest",
+    "ClientDisconnected",
     "ConfigurationError",
+    "DurableClientError",
     "DurableError",
     "DurableMiddleware",
     "DurableRequest",
@@ -61,6 +66,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreFull",
+    "StreamFailed",
     "StreamInfo",
     "durable",
     "keys",

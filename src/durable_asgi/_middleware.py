@@ -23,9 +23,9 @@ from ._protocol import Control, parse_control, parse_offset, send_json
 from ._request import DurableRequest
 from ._routes import RequestMark, RouteConfig, RouteResolver
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from .exceptions import BadRequest, ClientDisconnected
+from .exceptions import BadRequest, ClientDisconnected, StoreError, StoreFull
 from .stores import Store, default_store
-from .stores._base import Lease, StoreError, StoreFull, StreamInfo, is_claimable, stream_id
+from .stores._base import Lease, StreamInfo, is_claimable, stream_id
 
 __all__ = ["DurableMiddleware"]
 

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
+from .exceptions import DurableClientError, StreamFailed
+
 if TYPE_CHECKING:
     import httpx
     from typing_extensions import Self
@@ -57,27 +59,6 @@ Verdict = Literal["stream", "plain", "retry"]
 _FINAL = frozenset({"failed", "aborted", "absent"})
 #: Statuses worth retrying while reconnecting: the server is busy or its store is down.
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-
-
-class DurableClientError(Exception):
-    """The server didn't answer as a durable_asgi server does (e.g. no middleware in front of
-    the URL, or the key sent where the server doesn't read it)."""
-
-
-class StreamFailed(DurableClientError):
-    """The stream can't be read to its end.
-
-    `state` says why: ``"failed"`` (the handler raised), ``"aborted"``, ``"absent"`` (deleted,
-    expired, or never started), ``"unreachable"`` (no answer within `max_retries` reconnect
-    attempts; the last network error is the ``__cause__``) or ``"protocol"`` (an answer a
-    durable_asgi server doesn't give). `offset` is how many body bytes were delivered.
-    """
-
-    def __init__(self, message: str, *, key: str, state: str, offset: int) -> None:
-        super().__init__(message)
-        self.key = key
-        self.state = state
-        self.offset = offset
 
 
 def _require_httpx() -> None:

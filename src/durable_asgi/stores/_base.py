@@ -32,6 +32,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import anyio
 
+from ..exceptions import LeaseLost, StoreError, StoreFull
+
 __all__ = [
     "FINAL_STATES",
     "Headers",
@@ -57,21 +59,6 @@ Headers = tuple[tuple[bytes, bytes], ...]
 
 #: Keys longer than this, or with characters outside printable ASCII, are hashed.
 MAX_RAW_ID = 200
-
-
-class StoreError(Exception):
-    """A store operation failed (connection lost, corrupt data, ...)."""
-
-
-class LeaseLost(StoreError):
-    """The producer's lease is gone: the stream was aborted, deleted or taken over.
-
-    The producer must stop: every further write is refused.
-    """
-
-
-class StoreFull(StoreError):
-    """The store is at capacity and nothing finished could be evicted to make room."""
 
 
 @dataclass(frozen=True)
