@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Host, Mount, Route, Router
 
-from durable_asgi import ConfigurationError, DurableMiddleware, MemoryStore, _routes, durable, keys
+from durable_asgi import ConfigurationError, DurableMiddleware, MemoryStore, durable, keys
 from durable_asgi._routes import RouteResolver, options_of
 from durable_asgi._types import ASGIApp, Receive, Scope, Send
 
@@ -463,7 +463,7 @@ def test_host_routes_root_path_and_mounted_fastapi_apps() -> None:
 def test_options_are_found_through_partials_and_classes() -> None:
     marked = durable(key=keys.query("x"), ttl=5)(endpoint)
     options = options_of(partial(marked), "GET")
-    assert options is not None and options.ttl == 5
+    assert options is not None and options.overrides["ttl"] == 5
     assert options_of(ChatEndpoint, "GET") is ChatEndpoint.get.__durable__  # type: ignore[attr-defined]
     assert options_of(ChatEndpoint, "POST") is None
     assert options_of(endpoint, "GET") is None
@@ -473,10 +473,10 @@ def test_route_options_merge_once_per_middleware() -> None:
     marked = durable(ttl=5, owner=None)(endpoint)
     route = marked.__durable__  # type: ignore[attr-defined]
     mw = wrap(Router([]), ttl=100, owner=keys.cookie("session"), sse_ids=True)
-    config = route.config(mw.defaults)
-    assert config is route.config(mw.defaults)
-    assert (config.stream.ttl, config.stream.sse_ids, config.owner) == (5, True, None)
-    assert config.key is mw.key
+    config = route.apply(mw.options)
+    assert config is route.apply(mw.options)
+    assert (config.ttl, config.sse_ids, config.owner) == (5, True, None)
+    assert config.key is mw.options.key
 
 
 def test_bad_options_and_classes_are_refused() -> None:
@@ -589,8 +589,6 @@ async def test_django_first_request_imports_the_urlconf_before_routing(
     for module in ("lazy_urls", "lazy_views"):  # so importing them runs them again
         monkeypatch.delitem(sys.modules, f"{django_project.__name__}.{module}", raising=False)
         monkeypatch.delattr(django_project, module, raising=False)
-    # As in a fresh process: no @durable has run yet (the flag is process-wide).
-    monkeypatch.setattr(_routes, "in_use", False)
     with override_settings(ROOT_URLCONF="tests.django_project.lazy_urls"):
         app = wrap(django_app, routes=routes)
         first = await call(app, "/lazy/", headers={"Durable-Key": "k"})

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import keys
 from ._decorator import durable
 from ._middleware import DurableMiddleware
+from ._options import StreamOptions
 from ._request import DurableRequest
 from .exceptions import (
     BadRequest,
@@ -68,6 +69,7 @@ __all__ = [
     "StoreFull",
     "StreamFailed",
     "StreamInfo",
+    "StreamOptions",
     "durable",
     "keys",
     "store_from_url",

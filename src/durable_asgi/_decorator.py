@@ -18,16 +18,18 @@ import contextlib
 import functools
 import logging
 import sys
-import weakref
 from collections.abc import Callable
-from dataclasses import replace
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from asgiref.sync import iscoroutinefunction
 
-from . import _routes, keys
-from ._routes import INHERIT, Inherit, RouteOptions
+from . import _routes
+from ._options import RouteOverrides
+from ._routes import UNDECORATED, RouteOptions
 from .exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["durable"]
 
@@ -41,33 +43,11 @@ def durable(endpoint: F, /) -> F: ...
 
 
 @overload
-def durable(
-    *,
-    key: keys.Extractor | Inherit = INHERIT,
-    ttl: float | Inherit = INHERIT,
-    namespace: str | Inherit | None = INHERIT,
-    sse_ids: bool | Inherit = INHERIT,
-    max_duration: float | Inherit | None = INHERIT,
-    max_response_bytes: int | Inherit = INHERIT,
-    owner: keys.Extractor | Inherit | None = INHERIT,
-    on_finished: Literal["replay", "rerun", "no_content"] | Inherit = INHERIT,
-    on_absent: Literal["run", "no_content"] | Inherit = INHERIT,
-) -> Callable[[F], F]: ...
+def durable(**overrides: Unpack[RouteOverrides]) -> Callable[[F], F]: ...
 
 
 def durable(
-    endpoint: F | None = None,
-    /,
-    *,
-    key: keys.Extractor | Inherit = INHERIT,
-    ttl: float | Inherit = INHERIT,
-    namespace: str | Inherit | None = INHERIT,
-    sse_ids: bool | Inherit = INHERIT,
-    max_duration: float | Inherit | None = INHERIT,
-    max_response_bytes: int | Inherit = INHERIT,
-    owner: keys.Extractor | Inherit | None = INHERIT,
-    on_finished: Literal["replay", "rerun", "no_content"] | Inherit = INHERIT,
-    on_absent: Literal["run", "no_content"] | Inherit = INHERIT,
+    endpoint: F | None = None, /, **overrides: Unpack[RouteOverrides]
 ) -> F | Callable[[F], F]:
     """Make one route durable, with its own options.
 
@@ -98,27 +78,11 @@ def durable(
     stays available as ``endpoint.__wrapped__`` (for unit tests).
 
     Args:
-        key: the key extractor for this route (see `durable_asgi.keys`).
-        ttl: seconds a finished stream of this route is kept.
-        namespace: the stream namespace (default: the request path).
-        sse_ids: add ``id: <offset>`` to relayed ``text/event-stream`` events.
-        max_duration: seconds the handler may run (None: no limit).
-        max_response_bytes: a response growing past this ends ``failed``.
-        owner: an extractor of the caller's identity (None: no owner binding on this route).
-        on_finished: ``"replay"``, ``"rerun"`` or ``"no_content"`` (see `DurableMiddleware`).
-        on_absent: ``"run"`` or ``"no_content"`` (see `DurableMiddleware`).
+        **overrides: the `StreamOptions` this route sets for itself (`RouteOverrides`: ``key``,
+            ``owner``, ``namespace``, ``ttl``, ``max_response_bytes``, ``max_duration``,
+            ``sse_ids``, ``on_finished``, ``on_absent``), validated here.
     """
-    template = RouteOptions(
-        key=key,
-        ttl=ttl,
-        namespace=namespace,
-        sse_ids=sse_ids,
-        max_duration=max_duration,
-        max_response_bytes=max_response_bytes,
-        owner=owner,
-        on_finished=on_finished,
-        on_absent=on_absent,
-    )
+    RouteOptions("", overrides)  # validates them now, at import, not at the first request
 
     def decorate(func: F) -> F:
         if isinstance(func, type):
@@ -128,14 +92,13 @@ def durable(
             )
         if not callable(func):
             raise TypeError(f"@durable decorates an endpoint function, not {func!r}")
-        route = replace(template, endpoint=_name(func))
-        _routes.in_use = True
-        # Remembered, to tell a route registered with the undecorated function (the decorators
-        # in the wrong order) what went wrong; the function itself is left as it was.
-        with contextlib.suppress(TypeError):
-            _routes.undecorated[func] = route
+        route = RouteOptions(_name(func), overrides)
         wrapper = _wrap(func, route)
         wrapper.__durable__ = route  # type: ignore[attr-defined]
+        # Marked, to tell a route registered with the undecorated function (the decorators in
+        # the wrong order) what went wrong.
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(func, UNDECORATED, route)
         return wrapper
 
     return decorate if endpoint is None else decorate(endpoint)
@@ -163,8 +126,8 @@ def _check(route: RouteOptions, args: tuple[Any, ...]) -> None:
     mark = _routes.current.get()
     if mark is None:
         raise ConfigurationError(_missing_middleware(route, args))
-    if mark.resolved and mark.route is None and route not in _warned:
-        _warned.add(route)
+    if mark.resolved and mark.route is None and route not in mark.resolver.warned:
+        mark.resolver.warned.add(route)
         logger.warning(
             "durable_asgi: @durable endpoint %s ran, but DurableMiddleware didn't match the "
             "request to it, so it isn't durable. Is a layer between the middleware and the "
@@ -172,9 +135,6 @@ def _check(route: RouteOptions, args: tuple[Any, ...]) -> None:
             "rewrites the path)? Put DurableMiddleware closer to the router.",
             route.endpoint,
         )
-
-
-_warned: weakref.WeakSet[RouteOptions] = weakref.WeakSet()
 
 
 def _missing_middleware(route: RouteOptions, args: tuple[Any, ...]) -> str:

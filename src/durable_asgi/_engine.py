@@ -23,13 +23,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
+from ._options import StreamOptions
 from ._protocol import SSEIds, is_event_stream, replay_headers, send_json, stored_headers
 from ._types import Receive, Scope, Send
 from .stores._base import (
@@ -43,7 +43,7 @@ from .stores._base import (
     join,
 )
 
-__all__ = ["Engine", "Producer", "StreamOptions", "serve_stream"]
+__all__ = ["Engine", "Producer", "serve_stream"]
 
 logger = logging.getLogger("durable_asgi")
 
@@ -57,20 +57,6 @@ _HIDDEN_EXTENSIONS = (
     "http.response.zerocopysend",
     "http.response.trailers",
 )
-
-
-@dataclass(frozen=True)
-class StreamOptions:
-    """The per-request options the engine needs (resolved from middleware + route)."""
-
-    ttl: float
-    max_response_bytes: int
-    max_duration: float | None
-    sse_ids: bool
-    lease_seconds: float
-    poll_interval: float
-    on_finished: Literal["replay", "rerun", "no_content"] = "replay"
-    on_absent: Literal["run", "no_content"] = "run"
 
 
 def _asyncio_loop() -> asyncio.AbstractEventLoop | None:

@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 from asgiref.compatibility import guarantee_single_callable
 
 from . import _routes, keys
-from ._engine import Engine, Producer, StreamOptions, serve_stream
+from ._engine import Engine, Producer, serve_stream
+from ._options import OptionFields, StreamOptions
 from ._protocol import Control, parse_control, parse_offset, send_json
 from ._request import DurableRequest
-from ._routes import RequestMark, RouteConfig, RouteResolver
+from ._routes import RequestMark, RouteResolver
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .exceptions import BadRequest, ClientDisconnected, StoreError, StoreFull
 from .stores import Store, default_store
 from .stores._base import Lease, StreamInfo, is_claimable, stream_id
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["DurableMiddleware"]
 
@@ -35,7 +38,6 @@ SCOPE_KEY = "durable_asgi"
 """``scope["durable_asgi"]`` is the middleware, for endpoints that want its control API."""
 
 
-@dataclass(eq=False)
 class DurableMiddleware:
     """Make streaming responses durable and resumable.
 
@@ -57,92 +59,49 @@ class DurableMiddleware:
         app: the ASGI app to wrap.
         store: where streams live. Default: the URL in ``$DURABLE_ASGI_STORE``, else a
             `MemoryStore`.
-        key: the key extractor (see `durable_asgi.keys`). A request whose key is None passes
-            straight through. Default: the ``Durable-Key`` header.
-        ttl: seconds a finished stream is kept (default 6 hours).
+        options: the `StreamOptions` of every durable request (key extractor, ttl, limits,
+            owner binding, policies, ...); `@durable` routes override some of them.
+        **overrides: any `StreamOptions` field as a keyword (``key=``, ``ttl=``, ...), applied
+            over `options`: ``DurableMiddleware(app, key=keys.query("chatId"), ttl=3600)``.
         methods: HTTP methods that may be durable. ``HEAD``/``OPTIONS`` never are.
-        max_request_body: bytes of request body buffered (it is replayed to the app); larger
-            durable requests get 413 and nothing is stored.
-        max_response_bytes: a response growing past this ends ``failed`` (its handler is
-            cancelled).
-        owner: an extractor of the caller's identity (e.g. ``keys.cookie("session")``). When
-            set, a stream is visible only to the owner that started it; others get 404, as if it
-            didn't exist. A request whose owner is None shares the anonymous space.
         routes: ``"all"`` (every request with a key) or ``"decorated"`` (only routes marked with
             `@durable`).
-        namespace: the stream namespace for all requests (default: each request's path). Set it
-            to let different URLs share streams (``GET /chat/{id}/stream`` resuming a
-            ``POST /chat``) and to use the Python control API with bare keys.
-        sse_ids: add ``id: <offset>`` to relayed ``text/event-stream`` events so a browser
-            ``EventSource`` resumes by itself with ``Last-Event-ID``.
-        max_duration: seconds a handler may run before it is cancelled (stream ends ``failed``).
-        lease_seconds: how long a producer's lease lasts without renewal; a producer whose
-            process died is detected within about this time.
-        poll_interval: the longest a reader waits before re-checking a stream (it is woken
-            sooner whenever the store can tell it about changes).
         shutdown_grace: on server shutdown, seconds running handlers get to finish before they
             are stopped (their streams end ``failed``).
-        on_finished: what a request for a *finished* stream gets: ``"replay"`` it (default),
-            ``"rerun"`` the handler as a new stream (each request starts a new turn; a running
-            stream is still joined), or ``"no_content"``: 204, handler not called.
-        on_absent: what a request for a stream that doesn't exist does: ``"run"`` the handler
-            (default) or ``"no_content"``: 204, handler not called. ``on_finished="no_content",
-            on_absent="no_content"`` makes an endpoint that only joins running streams (the
-            AI SDK's resume endpoint).
         client_path: where the middleware serves the browser client
             (``<client_path>durable-fetch.js`` and its ``.d.ts``), so
             ``<script type="module">`` works with no build step. None turns it off.
     """
 
-    app: ASGIApp
-    _: KW_ONLY
-    store: Store | None = None
-    key: keys.Extractor = field(default_factory=lambda: keys.header("Durable-Key"))
-    ttl: float = 6 * 3600
-    methods: Sequence[str] = ("GET", "POST")
-    max_request_body: int = 1 << 20
-    max_response_bytes: int = 100 << 20
-    owner: keys.Extractor | None = None
-    routes: Literal["all", "decorated"] = "all"
-    namespace: str | None = None
-    sse_ids: bool = False
-    max_duration: float | None = None
-    lease_seconds: float = 5.0
-    poll_interval: float = 1.0
-    shutdown_grace: float = 10.0
-    on_finished: Literal["replay", "rerun", "no_content"] = "replay"
-    on_absent: Literal["run", "no_content"] = "run"
-    client_path: str | None = "/_durable/"
-
-    def __post_init__(self) -> None:
-        if self.routes not in ("all", "decorated"):
-            raise ValueError(f"routes must be 'all' or 'decorated', not {self.routes!r}")
-        if self.on_finished not in ("replay", "rerun", "no_content"):
-            raise ValueError("on_finished must be 'replay', 'rerun' or 'no_content'")
-        if self.on_absent not in ("run", "no_content"):
-            raise ValueError("on_absent must be 'run' or 'no_content'")
-        for name in ("ttl", "lease_seconds", "poll_interval", "shutdown_grace"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        if self.max_request_body < 0 or self.max_response_bytes < 0:
-            raise ValueError("max_request_body and max_response_bytes must not be negative")
-        self.app = guarantee_single_callable(self.app)  # type: ignore[no-untyped-call]
-        if self.store is None:
-            self.store = default_store()
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | None = None,
+        options: StreamOptions | None = None,
+        methods: Sequence[str] = ("GET", "POST"),
+        routes: Literal["all", "decorated"] = "all",
+        shutdown_grace: float = 10.0,
+        client_path: str | None = "/_durable/",
+        **overrides: Unpack[OptionFields],
+    ) -> None:
+        if routes not in ("all", "decorated"):
+            raise ValueError(f"routes must be 'all' or 'decorated', not {routes!r}")
+        if shutdown_grace < 0:
+            raise ValueError("shutdown_grace must not be negative")
+        self.app: ASGIApp = guarantee_single_callable(app)  # type: ignore[no-untyped-call]
+        self.options = (options or StreamOptions()).replace(**overrides)
+        self.store: Store = default_store() if store is None else store
+        self.methods = tuple(methods)
+        self.routes = routes
+        self.shutdown_grace = shutdown_grace
+        self.client_path = client_path
         self.engine = Engine(self.store)
-        self._methods = frozenset(m.upper() for m in self.methods) - {"HEAD", "OPTIONS"}
-        self.options = StreamOptions(
-            ttl=self.ttl,
-            max_response_bytes=self.max_response_bytes,
-            max_duration=self.max_duration,
-            sse_ids=self.sse_ids,
-            lease_seconds=self.lease_seconds,
-            poll_interval=self.poll_interval,
-            on_finished=self.on_finished,
-            on_absent=self.on_absent,
-        )
-        self.defaults = RouteConfig(self.key, self.owner, self.namespace, self.options)
+        self._methods = frozenset(m.upper() for m in methods) - {"HEAD", "OPTIONS"}
         self._routes = RouteResolver(self.app)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.app!r}, store={self.store!r}, routes={self.routes!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -158,32 +117,41 @@ class DurableMiddleware:
                 return
             if not self._routes.ready:
                 self._routes.prepare()  # e.g. imports Django's URLconf: its views may be @durable
-            if _routes.in_use or self.routes == "decorated":
+            if self._routes.in_use or self.routes == "decorated":
                 await self._call_routed(scope, receive, send)
                 return
             if scope["method"] in self._methods:
-                await _Exchange(self, self.defaults, scope, receive, send).run()
-                return
+                options = self.request_options(scope)
+                if options is not None:
+                    await _Exchange(self, options, scope, receive, send).run()
+                    return
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
+    def request_options(self, scope: Scope) -> StreamOptions | None:
+        """The options of a request no `@durable` route claims (None: it passes through).
+
+        Subclasses choose between policies here: `ai_sdk.ChatMiddleware` gives its turn and
+        resume endpoints two (derived with `StreamOptions.replace`) over one store and engine.
+        """
+        return self.options if self.routes == "all" else None
+
     async def _call_routed(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Find the request's `@durable` route before the app runs (a resume must never run
         it), and tell decorated endpoints the middleware is in front (they check)."""
-        mark = RequestMark()
+        mark = RequestMark(self._routes)
         token = _routes.current.set(mark)
         try:
             if scope["method"] in self._methods:
                 mark.resolved = True
                 mark.route = route = self._routes.resolve(scope)
+                options = self.request_options(scope)
                 if route is not None:
-                    config = route.config(self.defaults)
-                    await _Exchange(self, config, scope, receive, send).run()
-                    return
-                if self.routes == "all":
-                    await _Exchange(self, self.defaults, scope, receive, send).run()
+                    options = route.apply(options or self.options)
+                if options is not None:
+                    await _Exchange(self, options, scope, receive, send).run()
                     return
             await self.app(scope, receive, send)
         finally:
@@ -192,7 +160,7 @@ class DurableMiddleware:
     # -- Python control API --------------------------------------------------------------------
 
     def _stream_id(self, key: str, namespace: str | None, owner: str | None) -> str:
-        namespace = namespace if namespace is not None else self.namespace
+        namespace = namespace if namespace is not None else self.options.namespace
         if namespace is None:
             raise TypeError(
                 "pass namespace= (the request path by default, e.g. '/api/chat'), or configure "
@@ -208,7 +176,7 @@ class DurableMiddleware:
         Example: ``await durable.status("chat-42", namespace="/api/chat")``
         """
         await self.engine.ensure_open()
-        info = await self.store_checked.info(self._stream_id(key, namespace, owner))
+        info = await self.store.info(self._stream_id(key, namespace, owner))
         return None if info is None else status_payload(key, info)
 
     async def abort(
@@ -216,7 +184,8 @@ class DurableMiddleware:
     ) -> bool:
         """Stop the stream's handler; bytes so far stay readable. True if it was running."""
         await self.engine.ensure_open()
-        return await self.engine.abort(self._stream_id(key, namespace, owner), ttl=self.ttl)
+        stream = self._stream_id(key, namespace, owner)
+        return await self.engine.abort(stream, ttl=self.options.ttl)
 
     async def delete(
         self, key: str, *, namespace: str | None = None, owner: str | None = None
@@ -227,7 +196,7 @@ class DurableMiddleware:
 
     @property
     def store_checked(self) -> Store:
-        assert self.store is not None
+        """`store` (kept for code written when it could be None)."""
         return self.store
 
     # -- lifespan ------------------------------------------------------------------------------
@@ -321,31 +290,31 @@ class _Exchange:
     def __init__(
         self,
         middleware: DurableMiddleware,
-        config: RouteConfig,
+        options: StreamOptions,
         scope: Scope,
         receive: Receive,
         send: Send,
     ):
         self.middleware = middleware
-        self.config = config
+        self.options = options
         self.scope = scope
         self.receive = receive
         self.send = send
 
     async def run(self) -> None:
-        mw, config = self.middleware, self.config
-        request = DurableRequest(self.scope, self.receive, mw.max_request_body)
+        options = self.options
+        request = DurableRequest(self.scope, self.receive, options.max_request_body)
         try:
-            key = await keys.resolve(config.key, request)
+            key = await keys.resolve(options.key, request)
             if key is None:
                 await self._pass_through(request)
                 return
             if not key:
                 raise BadRequest("the durable key is empty")
             control = parse_control(self.scope["headers"])
-            offset = parse_offset(self.scope["headers"], sse_ids=config.stream.sse_ids)
+            offset = parse_offset(self.scope["headers"], sse_ids=options.sse_ids)
             body = await request.body()
-            owner = None if config.owner is None else await keys.resolve(config.owner, request)
+            owner = None if options.owner is None else await keys.resolve(options.owner, request)
         except BadRequest as exc:
             await send_json(self.send, exc.status_code, {"error": exc.detail})
             return
@@ -354,11 +323,11 @@ class _Exchange:
 
         namespace = key.namespace if isinstance(key, keys.Key) else None
         if namespace is None:
-            namespace = config.namespace if config.namespace is not None else self.scope["path"]
+            namespace = options.namespace if options.namespace is not None else self.scope["path"]
         self.key = str(key)
         self.stream_id = stream_id(namespace, self.key, owner)
         try:
-            await mw.engine.ensure_open()
+            await self.middleware.engine.ensure_open()
             if control is not None:
                 await self._control(control)
             else:
@@ -388,7 +357,7 @@ class _Exchange:
 
     async def _stream(self, offset: int | None, body: bytes) -> None:
         mw = self.middleware
-        store, options = mw.engine.store, self.config.stream
+        store, options = mw.engine.store, self.options
         if offset is not None:
             # A resume never starts a handler: there must be a stream to resume. A failed one
             # still serves its stored bytes (then ends abnormally), like an aborted one.
@@ -447,7 +416,7 @@ class _Exchange:
                     [(b"durable-state", info.state.encode())],
                 )
         elif control == "abort":
-            await mw.engine.abort(self.stream_id, ttl=self.config.stream.ttl)
+            await mw.engine.abort(self.stream_id, ttl=self.options.ttl)
             await send_json(self.send, 204, None)
         else:
             await mw.engine.delete(self.stream_id)

@@ -31,9 +31,9 @@ namespace (``namespace``, default: `api`), so the control API takes the bare cha
 
     await chat_middleware.abort(chat_id)      # a "stop" button
 
-Why a router rather than options on one `DurableMiddleware`: the two endpoints need different
-policies for the same stream, and one middleware has one policy. The router holds two
-middlewares that share one engine (one store connection, one set of running producers).
+The two endpoints need different policies for the same stream: `ChatMiddleware` is one
+`DurableMiddleware` (one store, one engine, one set of running producers) whose
+`request_options` picks the turn's options or the resume endpoint's, derived from them.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from uuid import uuid4
 
 from . import keys
 from ._middleware import DurableMiddleware
-from ._types import ASGIApp, Receive, Scope, Send
+from ._options import StreamOptions
+from ._types import ASGIApp, Scope
 
 __all__ = ["UI_MESSAGE_STREAM_HEADERS", "ChatMiddleware", "text_stream"]
 
@@ -59,7 +60,7 @@ UI_MESSAGE_STREAM_HEADERS: Mapping[str, str] = {
 sets them, minus the hop-by-hop ``connection``)."""
 
 
-class ChatMiddleware:
+class ChatMiddleware(DurableMiddleware):
     """Durable ``POST {api}`` turns and the ``GET {api}/{id}/stream`` resume endpoint.
 
     Example (FastAPI)::
@@ -92,51 +93,28 @@ class ChatMiddleware:
         api = "/" + api.strip("/")
         self.api = api
         self.namespace = namespace if namespace is not None else api
-        self._stream_path = keys.path(api + "/{chat_id}/stream")
-        self.turns = DurableMiddleware(
+        options.setdefault("client_path", None)  # the recipe answers its two endpoints only
+        super().__init__(
             app,
             key=keys.json_body("id"),
             namespace=self.namespace,
             on_finished="rerun",
             **options,
         )
-        self.resume = DurableMiddleware(
-            app,
-            key=self._stream_path,
-            namespace=self.namespace,
+        #: The turns' policy is `options`; the resume endpoint's is derived from it.
+        self.resume_options = self.options.replace(
+            key=keys.path(api + "/{chat_id}/stream"),
             on_finished="no_content",
             on_absent="no_content",
-            **{**options, "store": self.turns.store},
         )
-        # One engine for both: the store is opened (and closed) once, and control requests on
-        # either endpoint see the producers running in this process.
-        self.resume.engine = self.turns.engine
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path, method = scope["path"], scope["method"]
-            if method == "POST" and path.rstrip("/") == self.api:
-                await self.turns(scope, receive, send)
-                return
-            if method == "GET" and path.startswith(self.api + "/") and path.endswith("/stream"):
-                await self.resume(scope, receive, send)
-                return
-            await self.turns.app(scope, receive, send)
-            return
-        # Lifespan opens and closes the shared store; websockets pass through.
-        await self.turns(scope, receive, send)
-
-    async def status(self, chat_id: str) -> dict[str, Any] | None:
-        """The chat's current (or last) turn, as ``DurableMiddleware.status`` returns it."""
-        return await self.turns.status(chat_id)
-
-    async def abort(self, chat_id: str) -> bool:
-        """Stop the chat's running turn (a "stop" button); True if one was running."""
-        return await self.turns.abort(chat_id)
-
-    async def delete(self, chat_id: str) -> bool:
-        """Abort the chat's turn if running and remove its stored stream."""
-        return await self.turns.delete(chat_id)
+    def request_options(self, scope: Scope) -> StreamOptions | None:
+        path, method = scope["path"], scope["method"]
+        if method == "POST" and path.rstrip("/") == self.api:
+            return self.options
+        if method == "GET" and path.startswith(self.api + "/") and path.endswith("/stream"):
+            return self.resume_options
+        return None
 
 
 async def text_stream(
