@@ -8,7 +8,7 @@ import sys
 import anyio
 import pytest
 
-from durable_asgi._engine import Beside
+from durable_asgi._tasks import Beside
 from durable_asgi.stores._base import Notifier
 
 if sys.version_info < (3, 11):

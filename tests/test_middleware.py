@@ -688,7 +688,7 @@ async def test_resuming_a_failed_stream_serves_its_bytes_then_fails() -> None:
 async def test_a_store_that_falls_behind_slows_the_handler_not_memory() -> None:
     """Backpressure: once more than the buffer's bound is pending, the handler's `send` waits
     for the writer; when the store catches up, everything lands byte-for-byte."""
-    from durable_asgi._engine import HIGH_WATER
+    from durable_asgi._producer import HIGH_WATER
     from durable_asgi.stores import Lease
 
     class SlowStore(MemoryStore):
@@ -758,7 +758,7 @@ async def test_a_finished_stream_leaves_no_reference_cycle_behind() -> None:
     with it whatever that frame referenced (other requests' connections among them)."""
     import gc
 
-    from durable_asgi._engine import Producer
+    from durable_asgi._producer import Producer
 
     app = StreamApp()
     mw = durable(app)
@@ -797,7 +797,7 @@ async def test_clients_that_leave_mid_stream_leave_no_reference_cycle_behind() -
     through cancel scopes of their own, never by anyio cancelling a task from its group."""
     import gc
 
-    from durable_asgi._engine import Producer
+    from durable_asgi._producer import Producer
 
     paused, release = anyio.Event(), anyio.Event()
     finished = 0

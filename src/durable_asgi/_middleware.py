@@ -17,9 +17,11 @@ import anyio
 from asgiref.compatibility import guarantee_single_callable
 
 from . import _routes, keys
-from ._engine import Engine, Producer, serve_stream
+from ._engine import Engine
 from ._options import OptionFields, StreamOptions
+from ._producer import Producer
 from ._protocol import Control, parse_control, parse_offset, send_json
+from ._reader import serve_info
 from ._request import DurableRequest
 from ._routes import RequestMark, RouteResolver
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -371,7 +373,7 @@ class _Exchange:
                     [(b"durable-state", state.encode())],
                 )
                 return
-            await serve_stream(store, info, offset, options, self.receive, self.send)
+            await serve_info(store, info, offset, options, self.receive, self.send)
             return
 
         if "no_content" in (options.on_finished, options.on_absent):
@@ -389,7 +391,7 @@ class _Exchange:
             replace=options.on_finished == "rerun",
         )
         if not isinstance(claimed, Lease):
-            await serve_stream(store, claimed, 0, options, self.receive, self.send)
+            await serve_info(store, claimed, 0, options, self.receive, self.send)
             return
 
         producer = Producer(mw.engine, claimed, options)

@@ -1,0 +1,426 @@
+"""The producer: runs a claimed stream's source once and tees its response into the store.
+
+The source is any ASGI callable: the app under the middleware, or (for a proxy) a callable
+that relays an upstream HTTP response — the producer neither knows nor cares which. It runs
+under fake channels: `receive` replays the buffered request body and never reports a
+disconnect before the response is done; `send` tees the response into the store and never
+raises. It runs shielded, in a task of its own, so the client leaving (or the server cancelling
+the request task) never cancels the handler; only `stop` does (abort, delete, max_duration,
+shutdown, a response too large, a lost lease).
+
+A producer's life is a few phases, in order (`Phase`), and at most one reason it was stopped
+early (`Stop`); `FINAL_STATE` maps that reason to the state the stream ends in. Writes go
+through a `WriteBehind` buffer with group commit: `send` appends to memory and returns; a writer
+task stores everything pending in one `append`. Under load that batches many chunks per store
+write; idle, it adds no delay. The buffer is bounded (the handler waits when the store falls
+behind), so a slow store slows the handler, never memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+
+from ._options import StreamOptions
+from ._protocol import stored_headers
+from ._reader import Followed, serve_stream, until_disconnect
+from ._tasks import Beside, Flag
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .exceptions import LeaseLost, StoreError
+from .stores._base import FinalState, Headers, Lease, join
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+__all__ = ["FINAL_STATE", "HIGH_WATER", "Phase", "Producer", "Stop", "WriteBehind"]
+
+logger = logging.getLogger("durable_asgi")
+
+#: Pending (unstored) bytes at which the handler's `send` waits for the store.
+HIGH_WATER = 64 * 1024
+#: ASGI extensions hidden from the app, so it sends plain body messages.
+_HIDDEN_EXTENSIONS = (
+    "http.response.pathsend",
+    "http.response.zerocopysend",
+    "http.response.trailers",
+)
+
+
+class Phase(enum.IntEnum):
+    """Where a producer is in its life. It only ever moves forward."""
+
+    STARTING = 0
+    """The handler runs and hasn't sent its response head."""
+    STREAMING = 1
+    """The head is out; body messages flow into the buffer."""
+    SENT = 2
+    """The handler sent its last body message (it may still be running)."""
+    CLOSING = 3
+    """The handler has returned or been stopped: the writer stores the rest and finishes."""
+    DONE = 4
+    """The stream is final in the store, or will never be written again."""
+
+
+class Stop(enum.Enum):
+    """Why a producer ended other than by its handler completing the response."""
+
+    ABORTED = "aborted"
+    LEASE_LOST = "lease lost"  # aborted, deleted or taken over elsewhere
+    DELETED = "deleted"
+    SHUTDOWN = "server shutting down"
+    MAX_DURATION = "max_duration exceeded"
+    TOO_LARGE = "response larger than max_response_bytes"
+    HANDLER_RAISED = "handler raised"
+    INCOMPLETE = "handler returned without completing its response"
+    STORE_ERROR = "store error"
+
+
+FINAL_STATE: dict[Stop | None, FinalState] = {
+    None: "complete",
+    Stop.ABORTED: "aborted",
+    Stop.LEASE_LOST: "aborted",
+    Stop.DELETED: "aborted",
+    Stop.SHUTDOWN: "failed",
+    Stop.MAX_DURATION: "failed",
+    Stop.TOO_LARGE: "failed",
+    Stop.HANDLER_RAISED: "failed",
+    Stop.INCOMPLETE: "failed",
+    Stop.STORE_ERROR: "failed",
+}
+"""The state a stream ends in, by why its producer stopped (None: it wasn't)."""
+
+#: Stops that mean this producer may no longer write: they win over any earlier reason.
+_REVOKED = frozenset({Stop.LEASE_LOST, Stop.DELETED})
+
+
+class WriteBehind:
+    """What the handler sent that the store doesn't have yet: the head, then body bytes.
+
+    `put` never waits; `over_high_water` tells the handler's `send` to wait for `drained`.
+    After `close` (the writer ended) further data is dropped.
+    """
+
+    __slots__ = ("_drained", "_wake", "chunks", "closed", "head", "parts", "size", "total")
+
+    def __init__(self) -> None:
+        self.head: tuple[int, Headers] | None = None
+        self.parts: list[bytes] = []
+        self.chunks = 0
+        self.size = 0
+        self.total = 0
+        """Body bytes put so far, stored or not."""
+        self.closed = False
+        self._wake = anyio.Event()
+        self._drained: anyio.Event | None = None  # made when `send` waits for the writer
+
+    def put(self, data: bytes) -> None:
+        self.parts.append(data)
+        self.chunks += 1
+        self.size += len(data)
+        self.total += len(data)
+
+    def take(self) -> tuple[tuple[int, Headers] | None, bytes, int]:
+        """Everything pending: (the head if not yet taken, body bytes, body messages)."""
+        head, data, chunks = self.head, join(self.parts) if self.parts else b"", self.chunks
+        self.head, self.parts, self.chunks, self.size = None, [], 0, 0
+        return head, data, chunks
+
+    @property
+    def pending(self) -> bool:
+        return self.head is not None or bool(self.parts)
+
+    @property
+    def over_high_water(self) -> bool:
+        return self.size > HIGH_WATER
+
+    def wake(self) -> None:
+        """Tell the writer there is something to do."""
+        self._wake.set()
+
+    async def wait_for_work(self) -> None:
+        await self._wake.wait()
+        self._wake = anyio.Event()
+
+    async def wait_drained(self) -> None:
+        if self._drained is None:
+            self._drained = anyio.Event()
+        await self._drained.wait()
+
+    def release(self) -> None:
+        """Wake a `send` waiting for the writer to catch up."""
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+
+    def close(self) -> None:
+        self.closed = True
+        self.release()
+
+
+class Producer:
+    """Runs a source once for a claimed stream and tees its response into the store.
+
+    Example (what the middleware does with a claimed lease)::
+
+        producer = Producer(engine, lease, options)
+        await producer.serve(app, scope, body, receive, send)   # runs it, serves this client
+        if producer.error is not None:
+            raise producer.error
+    """
+
+    def __init__(self, engine: Engine, lease: Lease, options: StreamOptions) -> None:
+        self.engine = engine
+        self.lease = lease
+        self.options = options
+        self.phase = Phase.STARTING
+        self.state: FinalState = "failed"
+        """The state the stream ends in: decided when the handler ends (a stop after that,
+        racing the writer's finish, doesn't change it)."""
+        self.stop_reason: Stop | None = None
+        self.detail = ""
+        """What goes with `stop_reason` in messages (the exception, the limit)."""
+        self.error: BaseException | None = None
+        """What the handler raised, for the caller to re-raise where that makes sense."""
+        self.client_error: Exception | None = None
+        """What the first client's reader raised unexpectedly, likewise."""
+        #: The head as the app sent it (with cookies): only for the client that started it.
+        self.head: tuple[int, Headers] | None = None
+        self.buffer = WriteBehind()
+        # A flag per phase something waits for: the head (or its absence), the response
+        # sent, the end.
+        self._flags = {Phase.STREAMING: Flag(), Phase.SENT: Flag(), Phase.DONE: Flag()}
+        self._handler = anyio.CancelScope()  # `stop` cancels it
+        self._keeping = anyio.CancelScope()  # the keeper runs in it until the writer is done
+        self._client = anyio.CancelScope()  # the first client's reader; the keeper cancels it
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _advance(self, phase: Phase) -> None:
+        """Move forward to `phase` (never back), setting the flags of every phase passed."""
+        if phase <= self.phase:
+            return
+        self.phase = phase
+        for at, flag in self._flags.items():
+            if at <= phase:
+                flag.set()
+        if phase is Phase.DONE and self.engine.producers.get(self.lease.stream_id) is self:
+            # No longer this process's to abort or shut down.
+            del self.engine.producers[self.lease.stream_id]
+
+    @property
+    def reason(self) -> str:
+        """Why it stopped, for messages ("" when it completed)."""
+        if self.stop_reason is None:
+            return ""
+        return f"{self.stop_reason.value}: {self.detail}" if self.detail else self.stop_reason.value
+
+    async def wait_done(self) -> None:
+        await self._flags[Phase.DONE].wait()
+
+    def stop(self, why: Stop, detail: str = "") -> None:
+        """Stop the handler. The first reason stands, except that a revoked lease (deleted,
+        lost) wins over any: this producer may not write again, whatever it was doing."""
+        if self.stop_reason is None or (why in _REVOKED and self.stop_reason not in _REVOKED):
+            self.stop_reason, self.detail = why, detail
+        self._handler.cancel()
+
+    # -- the run -----------------------------------------------------------------------------
+
+    async def run(
+        self, app: ASGIApp, scope: Scope, body: bytes, receive: Receive | None = None
+    ) -> None:
+        """Run `app` to its end and record its response. Never raises the app's exception:
+        it is kept in `error`.
+
+        `receive` is the channel of the client whose request started the handler, served
+        meanwhile by `serve_client`: the keeper watches it for that client leaving."""
+        scope = dict(scope)
+        extensions = dict(scope.get("extensions") or {})
+        for name in _HIDDEN_EXTENSIONS:
+            extensions.pop(name, None)
+        scope["extensions"] = extensions
+        scope["asgi"] = _with_send_errors(scope.get("asgi"))
+        body_sent = False
+
+        async def app_receive() -> Message:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await self._flags[Phase.SENT].wait()
+            return {"type": "http.disconnect"}
+
+        self.engine.producers[self.lease.stream_id] = self
+        try:
+            # The handler outlives its client's request: nothing but `stop` stops it.
+            with anyio.CancelScope(shield=True):
+                async with Beside() as beside:
+                    beside.start_soon(self._write_loop)
+                    beside.start_soon(self._keep, receive)
+                    try:
+                        await self._run_app(app, scope, app_receive)
+                    finally:
+                        # The writer stores what is pending, finishes the stream, stops the
+                        # keeper; the client's reader ends now if no head came.
+                        self._advance(Phase.CLOSING)
+                        self.buffer.wake()
+        finally:
+            self._advance(Phase.DONE)
+
+    async def _run_app(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
+        if self.options.max_duration is not None:
+            self._handler.deadline = anyio.current_time() + self.options.max_duration
+        with self._handler:
+            try:
+                await app(scope, receive, self._send)
+            except Exception as exc:
+                self.error = exc
+                self.stop(Stop.HANDLER_RAISED, type(exc).__name__)
+        if self._handler.cancelled_caught and self.stop_reason is None:
+            self.stop_reason = Stop.MAX_DURATION
+        if self.stop_reason is None and self.phase < Phase.SENT:
+            self.stop_reason = Stop.INCOMPLETE
+        self.state = FINAL_STATE[self.stop_reason]
+
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.phase is not Phase.STARTING:
+                return
+            status = int(message["status"])
+            headers = tuple((bytes(k), bytes(v)) for k, v in message.get("headers") or ())
+            self.head = (status, headers)
+            self.buffer.head = (status, stored_headers(headers))
+            self._advance(Phase.STREAMING)
+            self.buffer.wake()
+        elif kind == "http.response.body":
+            if self.phase is not Phase.STREAMING or self.buffer.closed:
+                return
+            data = message.get("body", b"")
+            if data:
+                limit = self.options.max_response_bytes
+                if self.buffer.total + len(data) > limit:
+                    self.stop(Stop.TOO_LARGE, f"{limit} bytes")
+                    await anyio.lowlevel.checkpoint()  # deliver the cancellation to the app now
+                    return
+                self.buffer.put(bytes(data))
+            if not message.get("more_body", False):
+                self._advance(Phase.SENT)
+            self.buffer.wake()
+            if self.buffer.over_high_water:  # backpressure: the store is behind
+                await self.buffer.wait_drained()
+
+    async def _write_loop(self) -> None:
+        store, lease, buffer = self.engine.store, self.lease, self.buffer
+        try:
+            while True:
+                await buffer.wait_for_work()
+                while buffer.pending:
+                    head, data, chunks = buffer.take()
+                    if head is not None:
+                        await store.start(lease, *head)
+                    if data:
+                        await store.append(lease, data, chunks=chunks)
+                    buffer.release()
+                if self.phase >= Phase.CLOSING:
+                    break
+            status = self.head[0] if self.head else 500
+            await store.finish(lease, self.state, ttl=self.options.ttl, retain=200 <= status < 300)
+        except LeaseLost:
+            self.stop(Stop.LEASE_LOST)
+        except StoreError as exc:
+            logger.error("durable_asgi: store failed for %r: %s", lease.stream_id, exc)
+            self.stop(Stop.STORE_ERROR, str(exc))
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(self.options.lease_seconds),
+                contextlib.suppress(StoreError),
+            ):
+                await store.finish(lease, "failed", ttl=self.options.ttl, retain=False)
+        finally:
+            # From here on `_send` drops data, and nothing waits for the store any more.
+            buffer.close()
+            self._keeping.cancel()
+            if self.phase >= Phase.CLOSING:  # the app has returned too: the stream is final
+                self._advance(Phase.DONE)
+
+    # -- the first client ----------------------------------------------------------------------
+
+    async def serve(
+        self, app: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send
+    ) -> None:
+        """Run `app` (see `run`) for the client whose request this is, and serve that client
+        meanwhile. Returns when both are done; cancelling it stops the client's reader only.
+        Never raises the app's exception (`error`) or the reader's (`client_error`)."""
+        async with Beside() as beside:
+            beside.start_soon(self.run, app, scope, body, receive)
+            await self.serve_client(send)
+
+    async def serve_client(self, send: Send) -> None:
+        """Serve the client whose request started the handler, until the stream ends or the
+        client leaves (the keeper watches for that, and cancels `_client`)."""
+        await self._flags[Phase.STREAMING].wait()
+        if self.head is None:
+            return  # the app failed before responding: the caller re-raises its error
+        status, headers = self.head
+        followed = Followed(
+            self.lease.stream_id, self.lease.token, status, headers, "running", replay=False
+        )
+        with self._client:
+            try:
+                await serve_stream(self.engine.store, followed, 0, self.options, None, send)
+            except StoreError as exc:
+                logger.error(
+                    "durable_asgi: store failed while serving %r: %s", self.lease.stream_id, exc
+                )
+            except Exception as exc:
+                self.client_error = exc
+
+    async def _keep(self, receive: Receive | None) -> None:
+        """Renew the lease every third of it, and stop the first client's reader when that
+        client leaves (the handler goes on). One task for both. Never raises."""
+        interval = self.options.lease_seconds / 3
+        store = self.engine.store
+        with self._keeping:
+            while True:
+                with anyio.move_on_after(interval):
+                    if receive is not None:
+                        await until_disconnect(receive)
+                        receive = None
+                        self._client.cancel()
+                    await anyio.sleep_forever()
+                try:
+                    await store.renew(self.lease, lease_seconds=self.options.lease_seconds)
+                except LeaseLost:
+                    self.stop(Stop.LEASE_LOST)
+                    return
+                except StoreError as exc:
+                    logger.warning(
+                        "durable_asgi: renewing %r failed: %s", self.lease.stream_id, exc
+                    )
+                except Exception:
+                    logger.exception("durable_asgi: renewing %r failed", self.lease.stream_id)
+
+
+def _with_send_errors(asgi: dict[str, Any] | None) -> dict[str, Any]:
+    """The handler's ``scope["asgi"]``, with a ``spec_version`` of at least 2.4.
+
+    Since 2.4 a server's `send` raises `OSError` once the client is gone, and frameworks
+    that see it skip the task they otherwise spawn per response to watch `receive` for a
+    disconnect (Starlette's `StreamingResponse` does). The producer's `send` never fails,
+    since no client can leave it, which 2.4 allows; its `receive` still reports
+    ``http.disconnect`` once the response is complete, as before.
+    """
+    asgi = dict(asgi or {})
+    try:
+        version = tuple(int(part) for part in str(asgi.get("spec_version", "2.0")).split("."))
+    except ValueError:
+        version = ()
+    if version < (2, 4):
+        asgi["spec_version"] = "2.4"
+    return asgi

@@ -1,0 +1,267 @@
+"""Readers: serve one client a stream from the store — head, body from an offset, then the end.
+
+Every client is a reader, the one whose request started the handler included: it reads the
+store from its offset and waits for more, so a slow client never slows the producer, and the
+first client and a resumer see exactly the same bytes. What a reader follows is one small type,
+`Followed`, whoever it is; `serve_info` makes it from a stored snapshot (joiners and resumers),
+the producer from the head its handler sent (the first client).
+
+A reader ends as the stream did: a complete stream with a clean end of body; a failed,
+aborted or deleted one without it (the server closes the connection), so a truncated answer
+never looks whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+import anyio
+
+from ._options import StreamOptions
+from ._protocol import SSEIds, is_event_stream, replay_headers, send_json
+from ._tasks import Beside
+from ._types import Receive, Send
+from .exceptions import StoreError
+from .stores._base import Headers, State, Store, StreamInfo
+
+__all__ = ["READ_SIZE", "Followed", "serve_info", "serve_stream", "until_disconnect"]
+
+logger = logging.getLogger("durable_asgi")
+
+#: Bytes per store read (and per write to the client) when replaying.
+READ_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Followed:
+    """The stream a reader follows, as of when its head goes out."""
+
+    stream_id: str
+    generation: str
+    """The producer's lease token: a stream deleted and started again is another one."""
+    status: int
+    headers: Headers
+    """As stored — or, for the client that started the handler, as the app sent them."""
+    state: State
+    replay: bool
+    """Whether the answer is served from the store (``Durable-Replay``): all but the first
+    client's."""
+    total: int | None = None
+    """The body's length, when the stream is finished."""
+
+
+class Tail:
+    """The body of one stream from `offset`: stored bytes first, then live ones.
+
+    After iteration, `end` says how the stream ended: ``complete``, ``failed``, ``aborted``
+    or ``gone`` (deleted, or replaced by a new run).
+    """
+
+    def __init__(
+        self, store: Store, stream_id: str, generation: str, offset: int, poll: float
+    ) -> None:
+        self.store = store
+        self.stream_id = stream_id
+        self.generation = generation
+        self.offset = offset
+        self.poll = poll
+        self.end = ""
+        self.counted = False
+        """Whether this reader was counted in `StreamInfo.readers` (and must be counted out)."""
+
+    async def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        store, stream_id, generation = self.store, self.stream_id, self.generation
+        while True:
+            info, data = await store.read(stream_id, self.offset, READ_SIZE)
+            if info is None or info.generation != generation:
+                self.end = "gone"
+                return
+            if data:
+                self.offset += len(data)
+                yield data
+            elif info.finished:
+                self.end = info.state
+                return
+            else:
+                await store.wait(info, self.poll)
+
+
+async def wait_for_head(store: Store, info: StreamInfo, poll: float) -> StreamInfo | None:
+    """Wait until the stream's response head is stored (or it ended without one)."""
+    while info.status_code is None and not info.finished:
+        await store.wait(info, poll)
+        latest = await store.info(info.id)
+        if latest is None or latest.generation != info.generation:
+            return None
+        info = latest
+    return info
+
+
+async def serve_info(
+    store: Store,
+    info: StreamInfo,
+    offset: int,
+    options: StreamOptions,
+    receive: Receive | None,
+    send: Send,
+) -> None:
+    """Serve a joiner or resumer the stream `info` is a snapshot of, from `offset`: once its
+    head is stored, or with 502 if it ended without one, or 416 past the end of a finished one."""
+    latest = await wait_for_head(store, info, options.poll_interval)
+    if latest is None or latest.status_code is None:
+        await send_json(
+            send,
+            502,
+            {"error": "the stream ended before its handler responded", "state": "failed"},
+            [(b"durable-state", b"failed")],
+        )
+        return
+    total = latest.offset if latest.finished else None
+    if total is not None and offset > total:
+        await send_json(
+            send,
+            416,
+            {"error": f"offset {offset} is past the end of the stream ({total} bytes)"},
+            [(b"durable-state", latest.state.encode()), (b"content-range", b"bytes */%d" % total)],
+        )
+        return
+    followed = Followed(
+        latest.id,
+        latest.generation,
+        latest.status_code,
+        latest.headers or (),
+        latest.state,
+        replay=True,
+        total=total,
+    )
+    await serve_stream(store, followed, offset, options, receive, send)
+
+
+async def serve_stream(
+    store: Store,
+    stream: Followed,
+    offset: int,
+    options: StreamOptions,
+    receive: Receive | None,
+    send: Send,
+) -> None:
+    """Serve one client `stream` from `offset`, then end as the stream did.
+
+    `receive` is watched for the client leaving; the first client's producer watches it
+    instead (pass None). Raises what the reader met unexpectedly (not store errors, which can
+    only truncate the body once its head is out).
+    """
+    sse = options.sse_ids and is_event_stream(stream.headers)
+    out_headers = replay_headers(
+        stream.headers,
+        offset=offset,
+        state=stream.state,
+        replay=stream.replay,
+        # Only a complete stream's length is the body's: a truncated one must not look whole.
+        total=stream.total if stream.state == "complete" else None,
+        rewrite_body=sse,
+    )
+    tail = Tail(store, stream.stream_id, stream.generation, offset, options.poll_interval)
+    ids = SSEIds(offset) if sse else None
+    try:
+        if receive is None:
+            error = await _send_body(tail, stream.status, out_headers, ids, send)
+            if error is not None:
+                raise error
+        else:
+            await _pump(tail, stream.status, out_headers, ids, receive, send)
+    finally:
+        if tail.counted:
+            with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
+                await store.attach(stream.stream_id, -1)
+
+
+async def _count_in(tail: Tail) -> None:
+    """Count the reader in (`StreamInfo.readers`)."""
+    with anyio.CancelScope(shield=True):  # so that the count out knows whether to run
+        try:
+            await tail.store.attach(tail.stream_id, +1)
+        except StoreError as exc:
+            logger.warning("durable_asgi: counting a reader of %r failed: %s", tail.stream_id, exc)
+        else:
+            tail.counted = True
+
+
+async def until_disconnect(receive: Receive) -> None:
+    """Return when the client has left (or its response is complete: ASGI servers answer
+    ``http.disconnect`` then too). A server whose `receive` fails counts as gone."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception as exc:
+        logger.warning("durable_asgi: receive() failed, taking the client as gone: %r", exc)
+
+
+async def _send_body(
+    tail: Tail,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    ids: SSEIds | None,
+    send: Send,
+) -> Exception | None:
+    """Send the head, then the body as `tail` yields it, then end as the stream did. Returns
+    (not raises) an unexpected exception. The reader is counted in once its first chunk is
+    out (so a shared store's round trip stays off the time to first byte)."""
+    count_in = True
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        # Closed here, not by the garbage collector, when the reader is cancelled mid-stream.
+        async with contextlib.aclosing(tail.__aiter__()) as chunks:
+            async for data in chunks:
+                if ids is not None:
+                    data = ids.feed(data)
+                    if not data:
+                        continue
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                if count_in:  # once, whether or not the store takes it
+                    count_in = False
+                    await _count_in(tail)
+        if tail.end == "complete":
+            last = ids.flush() if ids is not None else b""
+            await send({"type": "http.response.body", "body": last, "more_body": False})
+        # Otherwise end without completing the body: the server closes the connection,
+        # so the client sees a truncated response, never a clean end.
+    except OSError:
+        pass  # ASGI 2.4+ servers raise OSError on send after the client left.
+    except StoreError as exc:
+        # Headers are out: the only honest answer left is a truncated body.
+        logger.error("durable_asgi: store failed while reading %r: %s", tail.stream_id, exc)
+    except Exception as exc:
+        return exc  # re-raised bare by the caller, not wrapped in an ExceptionGroup
+    return None
+
+
+async def _pump(
+    tail: Tail,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    ids: SSEIds | None,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Send the body from this task while another watches `receive`, and stop the body when
+    the client leaves."""
+    error: Exception | None = None
+    with anyio.CancelScope() as reading:
+        async with Beside() as beside:
+            beside.start_soon(_watch, receive, reading)
+            try:
+                error = await _send_body(tail, status, headers, ids, send)
+            finally:
+                beside.cancel()
+    if error is not None:
+        raise error
+
+
+async def _watch(receive: Receive, reading: anyio.CancelScope) -> None:
+    """Cancel `reading` once the client behind `receive` has left."""
+    await until_disconnect(receive)
+    reading.cancel()
