@@ -8,7 +8,11 @@ import sys
 import anyio
 import pytest
 
+from durable_asgi import MemoryStore, StreamOptions
+from durable_asgi._engine import Engine
+from durable_asgi._producer import FINAL_STATE, Phase, Producer, Stop
 from durable_asgi._tasks import Beside
+from durable_asgi.stores import Lease
 from durable_asgi.stores._base import Notifier
 
 if sys.version_info < (3, 11):
@@ -113,3 +117,41 @@ async def test_notifier_wait_ends_at_its_timeout_even_beside_a_longer_one() -> N
         with anyio.fail_after(5):
             await notifier.wait("s", notifier.event("s"), 0.05)
         tasks.cancel_scope.cancel()
+
+
+# -- the producer's states ------------------------------------------------------------------------
+
+
+def _producer() -> Producer:
+    return Producer(Engine(MemoryStore()), Lease("/s#k", "token"), StreamOptions())
+
+
+def test_every_stop_reason_has_a_final_state() -> None:
+    assert set(FINAL_STATE) == {None, *Stop}
+    assert FINAL_STATE[None] == "complete"
+    assert {FINAL_STATE[stop] for stop in (Stop.ABORTED, Stop.DELETED, Stop.LEASE_LOST)} == {
+        "aborted"
+    }
+
+
+async def test_the_first_stop_reason_stands_but_a_revoked_lease_wins() -> None:
+    producer = _producer()
+    producer.stop(Stop.SHUTDOWN)
+    producer.stop(Stop.ABORTED)
+    assert producer.stop_reason is Stop.SHUTDOWN
+    producer.stop(Stop.DELETED)
+    producer.stop(Stop.LEASE_LOST)
+    assert producer.stop_reason is Stop.DELETED and producer.reason == "deleted"
+
+
+async def test_phases_only_move_forward_and_set_the_flags_they_pass() -> None:
+    producer = _producer()
+    producer.engine.producers[producer.lease.stream_id] = producer
+    producer._advance(Phase.SENT)
+    producer._advance(Phase.STREAMING)
+    assert producer.phase is Phase.SENT
+    with anyio.fail_after(1):
+        await producer._flags[Phase.STREAMING].wait()  # passed on the way: set
+    assert not producer._flags[Phase.DONE].is_set()
+    producer._advance(Phase.DONE)
+    assert producer.engine.producers == {}
