@@ -322,7 +322,7 @@ async def test_same_process_wake_needs_no_round_trip(store: RedisStore) -> None:
     info = await store.info("/local#1")
     assert info is not None
     await store.wait(info, 0.01)
-    assert not store._tails  # the producer's own process needs no tail
+    assert not store._follower.tails  # the producer's own process needs no tail
     woke = anyio.Event()
 
     async def waiter() -> None:
@@ -345,7 +345,7 @@ async def test_own_streams_are_read_from_memory_older_bytes_from_redis(
 ) -> None:
     """Readers in the producer's process read its newest bytes with no round trip; bytes older
     than the local copy come from Redis; either way the body is byte-for-byte the same."""
-    from durable_asgi.stores import redis as mod
+    from durable_asgi.stores.redis import _store as mod
 
     lease = await claimed(store, "/copy#1")
     await store.start(lease, 201, ((b"content-type", b"text/plain"),))
@@ -378,7 +378,7 @@ async def test_own_streams_are_read_from_memory_older_bytes_from_redis(
     assert data == body
     assert sent == ["read"]  # the start is older than the copy: from Redis
     monkeypatch.undo()
-    other = RedisStore(store._url or "", block_seconds=0.5)  # another process's view
+    other = RedisStore(store._connection.url or "", block_seconds=0.5)  # another process's view
     info2, data2 = await other.read("/copy#1", 0, 1 << 20)
     assert data2 == body
     assert info2 is not None
@@ -489,28 +489,29 @@ async def test_purge_expired_and_scan(server: Server) -> None:
 @pytest.mark.anyio
 async def test_retried_writes_apply_once(store: RedisStore) -> None:
     """redis-py retries a script whose reply was lost: the second run must be a no-op."""
-    from durable_asgi.stores import redis as mod
+    from durable_asgi.stores.redis import _codec as codec
+    from durable_asgi.stores.redis import _scripts as scripts
 
     lease = await claimed(store, "/retry#1")
     keys = store._keys("/retry#1")
-    orphan = mod._ms(store.orphan_ttl)
-    big = os.urandom(3 * mod.MAX_ENTRY + 5)  # stored as 4 entries
+    orphan = codec.ms(store.orphan_ttl)
+    big = os.urandom(3 * scripts.MAX_ENTRY + 5)  # stored as 4 entries
     for want, piece in ((0, b"abc"), (3, big)):
         for _ in range(2):
-            reply = await store._eval(mod._APPEND, keys, lease.token, want, orphan, piece, 1)
+            reply = await store._eval(scripts.APPEND, keys, lease.token, want, orphan, piece, 1)
             assert reply[0] == b"ok"
     store._producing.clear()  # read what Redis holds, not this process's copy of its writes
     info, data = await store.read("/retry#1", 0, 1 << 20)
     assert data == b"abc" + big
     assert info is not None
     assert info.chunks == 2
-    orphan = mod._ms(store.orphan_ttl)
+    orphan = codec.ms(store.orphan_ttl)
     # the same token claiming again (a retried claim) gets its lease back
-    reply = await store._eval(mod._CLAIM, keys, lease.token, -1, orphan, "/retry#1", 5000)
+    reply = await store._eval(scripts.CLAIM, keys, lease.token, -1, orphan, "/retry#1", 5000)
     assert reply[0] == b"lease"
     # an append at an offset the store doesn't have means lost writes: fail, don't complete
     for want in (1, 2, 3 + len(big) - 2):  # (1: a retry's end, but not the last append)
-        reply = await store._eval(mod._APPEND, keys, lease.token, want, orphan, b"zz", 1)
+        reply = await store._eval(scripts.APPEND, keys, lease.token, want, orphan, b"zz", 1)
         assert reply[0] == b"lost"
     info = await store.info("/retry#1")
     assert info is not None
@@ -609,9 +610,9 @@ async def test_close_stops_tails(server: Server, store: RedisStore) -> None:
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(s.wait, info, 10)
         await anyio.sleep(0.1)
-        assert s._tails
+        assert s._follower.tails
         await s.close()
-    assert not s._tails
+    assert not s._follower.tails
     await s.delete(lease.stream_id)  # reopens lazily
     await s.close()
 
@@ -623,9 +624,9 @@ async def test_tail_stops_after_its_last_waiter(server: Server, store: RedisStor
     info = await s.info("/linger#1")
     assert info is not None
     await s.wait(info, 0.05)
-    assert "/linger#1" in s._tails
+    assert "/linger#1" in s._follower.tails
     await anyio.sleep(2 * s.block_seconds + 0.3)
-    assert "/linger#1" not in s._tails
+    assert "/linger#1" not in s._follower.tails
     await s.close()
 
 

@@ -48,7 +48,7 @@ async def raw_store_bytes(mw: DurableMiddleware, stores: StoreFactory) -> bytes:
 
         return await anyio.to_thread.run_sync(read_files)
     if stores.kind == "redis":
-        client = store._client  # type: ignore[attr-defined]
+        client = store._connection.client  # type: ignore[attr-defined]
         out = []
         async for name in client.scan_iter(count=1000):
             out.append(name)

@@ -98,6 +98,14 @@ class GroupCommit(Generic[Item, Result]):
         finally:
             self._flusher = None
 
+    async def drain(self) -> None:
+        """Wait for the running flusher, if any, to send what is queued (the store is closing
+        and its connection must outlive those writes). Items submitted meanwhile are sent by
+        the same flusher."""
+        flusher = self._flusher
+        if flusher is not None:
+            await asyncio.wait([flusher])
+
     def fail_pending(self, error: BaseException) -> None:
         """Fail every item still queued (the store is closing)."""
         queue, self._queue = self._queue, []

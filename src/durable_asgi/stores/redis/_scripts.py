@@ -1,0 +1,149 @@
+"""The Lua scripts behind every store operation, and the two lanes that send them.
+
+Each script is ``lua/prelude.lua`` followed by ``lua/<name>.lua``, read once at import and
+called by SHA (``EVALSHA``), sent in full (``EVAL``) only when Redis answers ``NOSCRIPT`` (it
+was restarted or flushed): redis-py's `Script` works the same way, but can't be batched into
+our pipelines. `CONSTANTS` are appended to every call's ARGV, after the script's own.
+
+Calls go through two `GroupCommit` lanes, each sent in queue order, a pipeline at a time (one
+round trip and one pooled connection for many streams' commands): producers' fenced writes,
+and everything else (claims, reads, control), so a request joining a stream doesn't wait
+behind a pipeline of a thousand appends in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from ...exceptions import StoreError, StoreFull
+from .._batch import GroupCommit
+from ._connection import Client, Connection
+
+__all__ = ["CONSTANTS", "MAX_ENTRY", "MAX_PIPELINE", "OTHERS", "WRITES", "Lanes", "Script"]
+
+#: Largest body entry: bigger appends are split, so a read from the middle of a huge append
+#: copies at most this much more than it returns.
+MAX_ENTRY = 64 << 10
+#: How much longer ``ev`` lives than the stream's other keys (ms).
+EV_MARGIN_MS = 60_000
+#: The ARGV tail of every call, read by prelude.lua as ``EV_MARGIN, PIECE`` (bytes: sent as is).
+CONSTANTS = (b"%d" % EV_MARGIN_MS, b"%d" % MAX_ENTRY)
+#: Most scripts sent in one pipeline.
+MAX_PIPELINE = 256
+#: The lanes: producers' fenced writes, and every other script.
+WRITES, OTHERS = 0, 1
+
+_LUA = Path(__file__).with_name("lua")
+_PRELUDE = (_LUA / "prelude.lua").read_text(encoding="utf-8")
+
+Call = tuple["Script", Sequence[str], Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class Script:
+    """One Lua script: its name (for errors), its full source and that source's SHA-1."""
+
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def load(cls, name: str) -> Script:
+        """``lua/<name>.lua`` after the prelude."""
+        source = _PRELUDE + (_LUA / f"{name}.lua").read_text(encoding="utf-8")
+        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+    def error(self, exc: ResponseError) -> StoreError:
+        """What an error reply of this script raises."""
+        message = str(exc)
+        if message.startswith("OOM"):
+            return StoreFull(f"Redis is full (maxmemory): {message}")
+        return StoreError(f"Redis {self.name} failed: {message}")
+
+    async def run(self, client: Client, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run it alone (not pipelined): by SHA, in full if Redis doesn't have it."""
+        argv = (*args, *CONSTANTS)
+        try:
+            try:
+                return await client.evalsha(self.sha, len(keys), *keys, *argv)
+            except NoScriptError:
+                return await client.eval(self.source, len(keys), *keys, *argv)
+        except ResponseError as exc:
+            raise self.error(exc) from exc
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis {self.name} failed: {exc!r}") from exc
+
+
+CLAIM = Script.load("claim")
+START = Script.load("start")
+APPEND = Script.load("append")
+CHECK = Script.load("check")
+RENEW = Script.load("renew")
+FINISH = Script.load("finish")
+INFO = Script.load("info")
+READ = Script.load("read")
+ABORT = Script.load("abort")
+DELETE = Script.load("delete")
+ATTACH = Script.load("attach")
+PURGE = Script.load("purge")
+
+
+class Lanes:
+    """Runs scripts through the two lanes (`WRITES`, `OTHERS`), each batched into pipelines."""
+
+    __slots__ = ("_connection", "_lanes")
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._lanes = tuple(
+            GroupCommit[Call, Any](self._flush, max_batch=MAX_PIPELINE) for _ in (WRITES, OTHERS)
+        )
+
+    async def run(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], lane: int = OTHERS
+    ) -> Any:
+        """Run `script` on `keys` with `args`, in `lane`'s order; its reply."""
+        client = self._connection.commands()
+        if isinstance(client, RedisCluster):  # keys of one call share a slot, a batch doesn't
+            return await script.run(client, keys, args)
+        return await self._lanes[lane].submit((script, keys, args))
+
+    async def drain(self) -> None:
+        """Wait until the scripts queued so far are sent and answered."""
+        for lane in self._lanes:
+            await lane.drain()
+
+    async def _flush(self, calls: Sequence[Call]) -> list[Any]:
+        client = self._connection.commands()
+        assert isinstance(client, Redis)  # a cluster's calls bypass the lanes
+        if len(calls) == 1:  # no pipeline to build for one
+            script, keys, args = calls[0]
+            try:
+                return [await script.run(client, keys, args)]
+            except Exception as exc:
+                return [exc]
+        pipe = client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args, *CONSTANTS)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            return [StoreError(f"Redis {script.name} failed: {exc!r}") for script, _, _ in calls]
+        results: list[Any] = []
+        for (script, keys, args), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, NoScriptError):  # not loaded yet (or flushed): send it
+                try:
+                    reply = await script.run(client, keys, args)
+                except Exception as exc:
+                    reply = exc
+            elif isinstance(reply, ResponseError):
+                reply = script.error(reply)
+            results.append(reply)
+        return results
