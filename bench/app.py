@@ -1,13 +1,20 @@
-"""The app the benchmarks serve: a Starlette app, bare or wrapped with DurableMiddleware.
+"""The app `bench/run.py` serves: a Starlette app, bare or wrapped with DurableMiddleware.
 
 ``BENCH_STORE`` picks the variant: ``bare`` (no middleware), ``memory://``,
-``sqlite:///path.db`` or ``redis://…`` (any `store_from_url` URL). Routes: ``/stream`` (the
-10,000 x 32-byte stream), ``/small`` (a tiny response) and ``/ticks`` (timestamped chunks for the
-fan-out latency measurement).
+``sqlite:///path.db`` or ``redis://…`` (any `store_from_url` URL). Routes:
+
+- ``/sse?n=<events>&pace=<seconds>``: ``n`` 20-byte SSE events ``data: tok-00000001\\n\\n`` …,
+  the generator awaiting ``asyncio.sleep(pace)`` after each one (``pace=0`` still awaits): a
+  handler relaying tokens, as an LLM relay does;
+- ``/stream``: ``BENCH_CHUNKS`` (10,000) x 32-byte chunks from a generator that never awaits
+  (the store coalesces them into a few big writes);
+- ``/small``: a tiny response (the pass-through cost);
+- ``/ticks``: timestamped chunks for the fan-out latency measurement.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -21,6 +28,23 @@ from durable_asgi import DurableMiddleware, store_from_url
 
 CHUNKS = int(os.environ.get("BENCH_CHUNKS", "10000"))
 CHUNK = b"x" * 31 + b"\n"
+
+
+def event(i: int) -> bytes:
+    """The `i`-th (1-based) SSE event of ``/sse``: exactly 20 bytes."""
+    return b"data: tok-%08d\n\n" % i
+
+
+async def sse(request: Request) -> Response:
+    n = int(request.query_params.get("n", "200"))
+    pace = float(request.query_params.get("pace", "0.01"))
+
+    async def body():  # type: ignore[no-untyped-def]
+        for i in range(1, n + 1):
+            yield event(i)
+            await asyncio.sleep(pace)
+
+    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 async def stream(request: Request) -> Response:
@@ -49,7 +73,14 @@ async def small(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
-app = Starlette(routes=[Route("/stream", stream), Route("/small", small), Route("/ticks", ticks)])
+app = Starlette(
+    routes=[
+        Route("/sse", sse),
+        Route("/stream", stream),
+        Route("/small", small),
+        Route("/ticks", ticks),
+    ]
+)
 
 _store = os.environ.get("BENCH_STORE", "bare")
 if _store != "bare":
