@@ -652,6 +652,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def main_workloads(flat_events: int = 20_000) -> dict[str, Workload]:
+    """The main table's workloads: token pace and flat out (also `bench/profile.py`'s)."""
+    return {
+        "token": Workload("token", "/sse?n=200&pace=0.01", 300, 1, 20, events_body(200), 120),
+        "flat": Workload(
+            "flat", f"/sse?n={flat_events}&pace=0", 1, 1, 20, events_body(flat_events), 120
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     quick = args.quick
@@ -660,10 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     small_requests = 2000 if quick else 5000
     resumes, replays, fanout_runs = (100, 10, 2) if quick else (300, 30, 5)
     workloads = {
-        "token": Workload("token", "/sse?n=200&pace=0.01", 300, 1, 20, events_body(200), 120),
-        "flat": Workload(
-            "flat", f"/sse?n={flat_events}&pace=0", 1, 1, 20, events_body(flat_events), 120
-        ),
+        **main_workloads(flat_events),
         "coalesce": Workload("coalesce", "/stream", 1, coalesce_streams, 32, CHUNK * CHUNKS, 60),
     }
     labels = {
