@@ -798,7 +798,7 @@ async def test_sqlite_claim_of_a_live_stream_of_this_process_needs_no_transactio
         lease = await claim(store, "/live#1")
         await store.start(lease, 200, ())
         await store.append(lease, b"hello", chunks=1)
-        transactions = record_calls(monkeypatch, store, "_run")
+        transactions = record_calls(monkeypatch, store._db, "transaction")
         joined = await store.claim("/live#1", lease_seconds=LONG)
         assert isinstance(joined, StreamInfo)
         assert (joined.state, joined.offset, joined.generation) == ("running", 5, lease.token)
@@ -830,7 +830,7 @@ async def test_sqlite_claim_trusts_an_old_copy_while_no_other_process_commits(
         await store.start(idle, 200, ())
         busy = await claim(store, "/busy#1")
         await anyio.sleep(0.25)  # the idle stream's own snapshot is now older than that
-        transactions = record_calls(monkeypatch, store, "_run")
+        transactions = record_calls(monkeypatch, store._db, "transaction")
         await store.append(busy, b"x", chunks=1)  # a batch: nobody else has committed
         joined = await store.claim("/idle#1", lease_seconds=LONG)
         assert isinstance(joined, StreamInfo) and joined.state == "running"
@@ -856,7 +856,7 @@ async def test_sqlite_readers_of_a_stream_this_process_produces_query_nothing(
 
     store = SQLiteStore(tmp_path / "durable.db", poll_interval=0.2)
     other = SQLiteStore(tmp_path / "durable.db")
-    queries = record_calls(monkeypatch, store, "_query")
+    queries = record_calls(monkeypatch, store._db, "query")
     try:
         lease = await claim(store, "/own#1")
         info, data = await store.read("/own#1", 0, 100)
@@ -865,7 +865,7 @@ async def test_sqlite_readers_of_a_stream_this_process_produces_query_nothing(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(store.wait, info, LONG)
                 await anyio.wait_all_tasks_blocked()
-                assert store._poller is None  # its changes come through this process
+                assert store._poller.task is None  # its changes come through this process
                 await store.start(lease, 200, ())
         await store.append(lease, b"hello", chunks=1)
         assert (await store.read("/own#1", 0, 100))[1] == b"hello"
@@ -936,9 +936,9 @@ async def test_sqlite_connections_keep_a_small_page_cache(tmp_path: Path) -> Non
     store = SQLiteStore(tmp_path / "durable.db")
     try:
         await produce(store, "/s#1", [b"x" * 100_000] * 20)
-        for conn in (store._writer, store._reader):
+        for conn in (store._db.writer, store._db.reader):
             assert conn is not None
-            rows = await conn.execute_fetchall("PRAGMA cache_size")
+            rows = await conn.fetchall("PRAGMA cache_size")
             assert [tuple(row) for row in rows] == [(-PAGE_CACHE_KIB,)]
     finally:
         await store.close()
