@@ -121,7 +121,7 @@ app = Starlette(routes=[Route("/live", _endpoint), Route("/health", health)])
 
 if VARIANT in ("memory", "sqlite", "redis"):
     # Each variant imports only the store it uses, as an app would (SQLiteStore brings
-    # sqlite3 and aiosqlite, about 1 MiB).
+    # sqlite3).
     from durable_asgi import DurableMiddleware
 
     if VARIANT == "memory":

@@ -2,7 +2,7 @@
 
 Import them into a test module (``from .stores_fixtures import anyio_backend, backend, ...``).
 `backend` is parametrized over (store kind, async library) pairs; `anyio_backend` follows it, so
-each store only runs on the event loops its client library supports: aiosqlite and redis-py's
+each store only runs on the event loops its client library supports: the SQLite store and redis-py's
 asyncio client are asyncio-only, the memory store runs on asyncio and trio.
 
 Redis: ``$REDIS_URL`` when set, else a private ``redis-server`` started on a free loopback port

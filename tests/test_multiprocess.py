@@ -38,7 +38,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 def anyio_backend() -> str:
-    return "asyncio"  # aiosqlite and redis-py are asyncio-only; the client runs on either
+    return "asyncio"  # the SQLite and Redis stores are asyncio-only; the client runs on either
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])

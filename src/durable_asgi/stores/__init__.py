@@ -1,8 +1,8 @@
-"""Stores: where durable streams live. One module per backend, all behind `Store`.
+"""Stores: where durable streams live. One module or package per backend, all behind `Store`.
 
 - `MemoryStore` — this process only; the default.
-- `SQLiteStore` — one file; survives restarts; shared by the workers of one machine
-  (``pip install "durable-asgi[sqlite]"``).
+- `SQLiteStore` — one file; survives restarts; shared by the workers of one machine (the
+  standard library's ``sqlite3``).
 - `RedisStore` — many workers on many machines (``pip install "durable-asgi[redis]"``).
 """
 
@@ -52,7 +52,7 @@ ENV_VAR = "DURABLE_ASGI_STORE"
 
 
 def __getattr__(name: str) -> Any:
-    # The SQLite and Redis stores import optional dependencies: load them on first use.
+    # Loaded on first use: RedisStore needs the redis extra, and neither is needed by all.
     if name == "SQLiteStore":
         from .sqlite import SQLiteStore
 
