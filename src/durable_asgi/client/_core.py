@@ -11,7 +11,7 @@ what to send and tell it what came back, and it answers with the next step:
 - `Cursor.ended` (done) and `Cursor.broke` (reconnect after that many seconds).
 
 Any of them raises `StreamFailed` when the stream can't be finished. Being I/O-free, this is
-tested by feeding it answers directly (``tests/test_client_core.py``).
+tested by feeding it answers directly (``tests/clients/test_client_core.py``).
 """
 
 from __future__ import annotations

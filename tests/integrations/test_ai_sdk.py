@@ -21,8 +21,8 @@ from fastapi.responses import StreamingResponse
 
 from durable_asgi import MemoryStore, ai_sdk
 
-from .apps import wait_thread_event
-from .servers import IncompleteBody, fetch, open_stream, running_server
+from ..support.apps import wait_thread_event
+from ..support.servers import IncompleteBody, fetch, open_stream, running_server
 
 pytestmark = pytest.mark.anyio
 

@@ -7,7 +7,7 @@ non-UTF-8 bytes: ASGI headers are bytes, decoded as latin-1), JSON bodies for
 shouldn't (we scan it after each case). Mostly in process (fast); a few through uvicorn.
 
 CI runs a small budget of examples; ``DURABLE_ASGI_SOAK=1`` runs ~20x more (see
-`tests/test_faults.py`).
+`tests/stores/test_faults.py`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from durable_asgi import DurableMiddleware, MemoryStore, keys
 from durable_asgi._types import Message, Receive, Scope, Send
 
-from .apps import StreamApp
-from .asgi import Result, call
-from .servers import fetch, running_server
-from .test_faults import examples, soak_factor
+from ..support.apps import StreamApp
+from ..support.asgi import Result, call
+from ..support.servers import fetch, running_server
+from ..support.soak import examples, soak_factor
 
 pytestmark = pytest.mark.anyio
 

@@ -12,8 +12,8 @@ import pytest
 from durable_asgi import DurableMiddleware, MemoryStore, StoreError, keys
 from durable_asgi._types import Receive, Scope, Send
 
-from .apps import CHUNKS, StreamApp, wait_thread_event
-from .asgi import call
+from ..support.apps import CHUNKS, StreamApp, wait_thread_event
+from ..support.asgi import call
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ from durable_asgi import DurableMiddleware, MemoryStore, StreamOptions, ai_sdk, 
 from durable_asgi._options import OptionFields, RouteOverrides
 from durable_asgi._types import Scope
 
-from .asgi import call
+from ..support.asgi import call
 
 pytestmark = pytest.mark.anyio
 

@@ -1,11 +1,12 @@
 """Several server processes sharing one store: SQLite (one file) and Redis.
 
-Each test runs `tests/mp_app.py` in real uvicorn processes (`running_server("tests.mp_app:app")`)
-and counts handler calls across processes through a file. Covered: a stream started on A and
-resumed on B from the offset reached; the producer's process killed (kill -9) mid-stream, so B's
-reader ends failed within the lease time and the next request runs the handler again;
-``uvicorn --workers 2``; a finished SQLite stream replaying after a restart; Redis restarted
-mid-stream (complete and intact, or failed for readers: never silently truncated, never a hang).
+Each test runs `tests/support/mp_app.py` in real uvicorn processes
+(`running_server("tests.support.mp_app:app")`) and counts handler calls across processes
+through a file. Covered: a stream started on A and resumed on B from the offset reached; the
+producer's process killed (kill -9) mid-stream, so B's reader ends failed within the lease time
+and the next request runs the handler again; ``uvicorn --workers 2``; a finished SQLite stream
+replaying after a restart; Redis restarted mid-stream (complete and intact, or failed for
+readers: never silently truncated, never a hang).
 """
 
 from __future__ import annotations
@@ -21,13 +22,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from . import mp_app
-from .servers import IncompleteBody, RunningServer, fetch, open_stream, running_server
-from .stores_fixtures import redis_url
+from ..support import mp_app
+from ..support.servers import IncompleteBody, RunningServer, fetch, open_stream, running_server
 
-__all__ = ["redis_url"]
-
-APP = "tests.mp_app:app"
+APP = "tests.support.mp_app:app"
 LEASE = 1.0
 POLL = 0.2
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"

@@ -1,9 +1,8 @@
-"""Fixtures that give a test a fresh store of every backend (memory, SQLite, Redis).
+"""Stores of every backend (memory, SQLite, Redis) for tests: what `tests/stores/conftest.py`
+and the root `conftest.py` (`redis_url`) build their fixtures from.
 
-Import them into a test module (``from .stores_fixtures import anyio_backend, backend, ...``).
-`backend` is parametrized over (store kind, async library) pairs; `anyio_backend` follows it, so
-each store only runs on the event loops its client library supports: the SQLite store and redis-py's
-asyncio client are asyncio-only, the memory store runs on asyncio and trio.
+`BACKENDS` are (store kind, async library) pairs: each store only runs on the event loops its
+client library supports (the SQLite and Redis stores are asyncio-only, memory runs on both).
 
 Redis: ``$REDIS_URL`` when set, else a private ``redis-server`` started on a free loopback port
 for the session. Each test gets its own database (private server) and key prefix, and everything
@@ -32,7 +31,16 @@ import pytest
 
 from durable_asgi.stores import MemoryStore, Store, stream_id
 
-__all__ = ["StoreFactory", "anyio_backend", "backend", "ids", "redis_url", "store", "stores"]
+__all__ = [
+    "BACKENDS",
+    "SHARED_BACKENDS",
+    "Ids",
+    "StoreFactory",
+    "in_ci",
+    "open_stores",
+    "redis_factory",
+    "redis_server",
+]
 
 #: (store kind, async library) pairs every conformance test runs on.
 BACKENDS = [
@@ -50,19 +58,8 @@ _REDIS_DATABASES = 256
 _redis_db = itertools.count(1)
 
 
-def _in_ci() -> bool:
+def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> tuple[str, str]:
-    kind, library = request.param
-    return str(kind), str(library)
-
-
-@pytest.fixture
-def anyio_backend(backend: tuple[str, str]) -> str:
-    return backend[1]
 
 
 class Ids:
@@ -76,11 +73,6 @@ class Ids:
         sid = stream_id(self.namespace, key or uuid.uuid4().hex[:8], owner)
         self.made.append(sid)
         return sid
-
-
-@pytest.fixture
-def ids() -> Ids:
-    return Ids()
 
 
 @dataclass
@@ -106,8 +98,7 @@ class StoreFactory:
                 await store.close()
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def redis_server() -> Iterator[str]:
     """A Redis server for the session: ``$REDIS_URL``, else a private ``redis-server``."""
     url = os.environ.get("REDIS_URL", "").strip()
     if url:
@@ -118,7 +109,7 @@ def redis_url() -> Iterator[str]:
     )
     if binary is None:
         reason = "no Redis: set REDIS_URL or install redis-server"
-        if _in_ci():
+        if in_ci():
             pytest.fail(f"{reason} (CI is set: every store must be tested)")
         pytest.skip(reason)
     with socket.socket() as probe:
@@ -155,7 +146,7 @@ def redis_url() -> Iterator[str]:
         server.wait(10)
 
 
-def _redis_factory(request: pytest.FixtureRequest, ids: Ids) -> tuple[Any, Any]:
+def redis_factory(request: pytest.FixtureRequest, ids: Ids) -> tuple[Any, Any]:
     """A maker of RedisStores on an isolated key space, and a function that empties it."""
     try:
         from durable_asgi.stores.redis import RedisStore
@@ -192,11 +183,11 @@ def _redis_factory(request: pytest.FixtureRequest, ids: Ids) -> tuple[Any, Any]:
     return make, clean
 
 
-@pytest.fixture
-async def stores(
-    backend: tuple[str, str], tmp_path: Path, ids: Ids, request: pytest.FixtureRequest
+@contextlib.asynccontextmanager
+async def open_stores(
+    kind: str, tmp_path: Path, ids: Ids, request: pytest.FixtureRequest
 ) -> AsyncIterator[StoreFactory]:
-    kind = backend[0]
+    """A `StoreFactory` of `kind`; everything it made is closed, and its data removed, after."""
     clean = None
     if kind == "memory":
         factory = StoreFactory(kind, MemoryStore, shared=False)
@@ -206,7 +197,7 @@ async def stores(
         path = tmp_path / "durable.db"
         factory = StoreFactory(kind, lambda **o: SQLiteStore(path, **o), shared=True)
     else:
-        make, clean = _redis_factory(request, ids)
+        make, clean = redis_factory(request, ids)
         factory = StoreFactory(kind, make, shared=True)
     try:
         yield factory
@@ -220,9 +211,3 @@ async def stores(
             await factory.close_all()
             if clean is not None:
                 clean()
-
-
-@pytest.fixture
-async def store(stores: StoreFactory) -> Store:
-    """An open store of the test's backend (closed by `stores` at teardown)."""
-    return await stores.new()

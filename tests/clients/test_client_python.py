@@ -24,9 +24,9 @@ from durable_asgi.client import (
     SyncDurableClient,
 )
 
-from .apps import StreamApp, wait_thread_event
-from .proxy import AFTER_HEAD, CuttingProxy, running_proxy
-from .servers import running_server
+from ..support.apps import StreamApp, wait_thread_event
+from ..support.proxy import AFTER_HEAD, CuttingProxy, running_proxy
+from ..support.servers import running_server
 
 RUNS = 30
 

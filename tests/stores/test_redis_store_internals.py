@@ -634,8 +634,8 @@ async def test_tail_stops_after_its_last_waiter(server: Server, store: RedisStor
 async def test_two_workers_share_a_live_stream_through_the_middleware(server: Server) -> None:
     from durable_asgi import DurableMiddleware
 
-    from .apps import StreamApp, wait_thread_event
-    from .asgi import call
+    from ..support.apps import StreamApp, wait_thread_event
+    from ..support.asgi import call
 
     app = StreamApp(pause_at=10, delay=0.001)
     worker_a = DurableMiddleware(app, store=RedisStore(server.url), poll_interval=5)

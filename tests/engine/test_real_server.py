@@ -25,8 +25,8 @@ from starlette.routing import Route
 
 from durable_asgi import DurableMiddleware, MemoryStore
 
-from .apps import StreamApp, wait_thread_event
-from .servers import IncompleteBody, fetch, open_stream, running_server
+from ..support.apps import StreamApp, wait_thread_event
+from ..support.servers import IncompleteBody, fetch, open_stream, running_server
 
 pytestmark = pytest.mark.anyio
 

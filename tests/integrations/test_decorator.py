@@ -2,8 +2,8 @@
 
 Every scenario counts handler calls: a resume (a reload, a second tab) must be served from the
 store without calling the handler again, byte for byte what the first request got. Streaming and
-disconnects go through a real uvicorn (`tests.servers`); the rest runs in-process on asyncio and
-trio. Django is asyncio-only, as its ASGI handler is.
+disconnects go through a real uvicorn (`tests.support.servers`); the rest runs in-process on
+asyncio and trio. Django is asyncio-only, as its ASGI handler is.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from durable_asgi import ConfigurationError, DurableMiddleware, MemoryStore, dur
 from durable_asgi._routes import RouteResolver, options_of
 from durable_asgi._types import ASGIApp, Receive, Scope, Send
 
-from .apps import wait_thread_event
-from .asgi import call
-from .servers import fetch, open_stream, running_server
+from ..support.apps import wait_thread_event
+from ..support.asgi import call
+from ..support.servers import fetch, open_stream, running_server
 
 pytestmark = pytest.mark.anyio
 
@@ -493,18 +493,18 @@ def test_bad_options_and_classes_are_refused() -> None:
 
 @pytest.fixture
 def django_app() -> Iterator[ASGIApp]:
-    """Django's ASGI application for `tests.django_project`, with its settings in force."""
+    """Django's ASGI application for `tests.support.django_project`, with its settings in force."""
     import django
     from django.conf import settings
     from django.core.asgi import get_asgi_application
     from django.test.utils import override_settings
 
-    from .django_project import settings as project
+    from ..support.django_project import settings as project
 
     if not settings.configured:
         settings.configure(**{k: v for k, v in vars(project).items() if k.isupper()})
         django.setup()
-    from .django_project.views import counter
+    from ..support.django_project.views import counter
 
     counter.reset()
     overrides = {k: getattr(project, k) for k in ("ROOT_URLCONF", "ALLOWED_HOSTS", "MIDDLEWARE")}
@@ -514,8 +514,8 @@ def django_app() -> Iterator[ASGIApp]:
 
 @asyncio_only
 async def test_django_async_view_streams_once_through_a_real_server(django_app: ASGIApp) -> None:
-    from .django_project.views import BODY as DJANGO_BODY
-    from .django_project.views import counter
+    from ..support.django_project.views import BODY as DJANGO_BODY
+    from ..support.django_project.views import counter
 
     app = wrap(django_app, routes="decorated")
     with running_server(app) as server:
@@ -538,8 +538,8 @@ async def test_django_async_view_streams_once_through_a_real_server(django_app: 
 
 @asyncio_only
 async def test_django_sync_view_class_view_and_script_name(django_app: ASGIApp) -> None:
-    from .django_project.views import BODY as DJANGO_BODY
-    from .django_project.views import counter
+    from ..support.django_project.views import BODY as DJANGO_BODY
+    from ..support.django_project.views import counter
 
     app = wrap(django_app, routes="decorated")
     sync = [await call(app, "/sync/", query="id=1") for _ in "ab"]
@@ -562,7 +562,7 @@ async def test_django_sync_view_class_view_and_script_name(django_app: ASGIApp) 
 async def test_django_without_the_middleware_says_how_to_add_it(django_app: ASGIApp) -> None:
     from django.test import AsyncClient, Client
 
-    from .django_project.views import counter
+    from ..support.django_project.views import counter
 
     with pytest.raises(ConfigurationError) as caught:
         await AsyncClient().get("/chat/1/")
@@ -582,14 +582,14 @@ async def test_django_first_request_imports_the_urlconf_before_routing(
 ) -> None:
     from django.test.utils import override_settings
 
-    from . import django_project
-    from .django_project.views import BODY as DJANGO_BODY
-    from .django_project.views import counter
+    from ..support import django_project
+    from ..support.django_project.views import BODY as DJANGO_BODY
+    from ..support.django_project.views import counter
 
     for module in ("lazy_urls", "lazy_views"):  # so importing them runs them again
         monkeypatch.delitem(sys.modules, f"{django_project.__name__}.{module}", raising=False)
         monkeypatch.delattr(django_project, module, raising=False)
-    with override_settings(ROOT_URLCONF="tests.django_project.lazy_urls"):
+    with override_settings(ROOT_URLCONF="tests.support.django_project.lazy_urls"):
         app = wrap(django_app, routes=routes)
         first = await call(app, "/lazy/", headers={"Durable-Key": "k"})
         again = await call(app, "/lazy/", headers={"Durable-Key": "k"})

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from examples.common.model import answer_for
 
-from .browser import launched_chromium
-from .servers import RunningServer, running_server
+from ..support.browser import launched_chromium
+from ..support.servers import RunningServer, running_server
 
 APPS = {
     "fastapi": "examples.fastapi_app.app:app",

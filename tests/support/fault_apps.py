@@ -1,4 +1,5 @@
-"""Apps the fault suite serves from a subprocess (``running_server("tests.fault_apps:slow")``).
+"""Apps the fault suite serves from a subprocess
+(``running_server("tests.support.fault_apps:slow")``).
 
 The subprocess reads its configuration from the environment the test sets before starting it:
 ``FAULT_DB`` (the SQLite file shared with the test), ``FAULT_CHUNKS`` and ``FAULT_DELAY``.

@@ -2,7 +2,7 @@
 
 This is the one harness for every test that needs a real server (streaming, disconnects,
 several requests racing on one key). `httpx.ASGITransport` buffers whole responses and cannot
-disconnect, so it cannot test either; `tests/asgi.py` covers the cases that need no socket.
+disconnect, so it cannot test either; `tests/support/asgi.py` covers the cases that need no socket.
 
     with running_server(app) as server:                    # uvicorn on a free port
         async with open_stream(server.url, "/chat", headers={"Durable-Key": "k"}) as resp:
@@ -14,7 +14,7 @@ disconnect, so it cannot test either; `tests/asgi.py` covers the cases that need
 `running_server` runs the server in a background thread with its own asyncio loop, so the same
 `with` works in sync tests and in asyncio or trio tests. Leave client blocks before the server
 block: the server waits for open connections when it shuts down. Given an import string
-("tests.apps:app") instead of an app, it runs the server's CLI in a subprocess, which a test
+("tests.support.apps:app") instead of an app, it runs the server's CLI in a subprocess, which a test
 can kill (`server.kill()`) to play a crashed machine.
 
 The client speaks HTTP/1.1 over `anyio.connect_tcp`, one request per connection, and decodes
@@ -105,8 +105,8 @@ def running_server(
     raises `RuntimeError` if the server still runs, or if it crashed. Access logs are off.
 
     `app` is an ASGI app (served in a thread of this process; granian through its embedded
-    server) or an import string such as ``"tests.apps:app"`` (served by the server's CLI in a
-    subprocess: `.process` is set and `.kill()` crashes it). `http` picks uvicorn's HTTP/1.1
+    server) or an import string such as ``"tests.support.apps:app"`` (served by the server's CLI
+    in a subprocess: `.process` is set and `.kill()` crashes it). `http` picks uvicorn's HTTP/1.1
     parser. uvicorn and hypercorn in a thread get a socket bound here; granian and the CLIs
     bind a port found free just before. For an import string, `env` adds environment variables
     to the subprocess and `workers` > 1 runs that many worker processes (uvicorn ``--workers``).

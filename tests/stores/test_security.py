@@ -17,11 +17,9 @@ import pytest
 from durable_asgi import DurableMiddleware, keys
 from durable_asgi._types import Receive, Scope, Send
 
-from .apps import StreamApp, wait_thread_event
-from .asgi import Result, call
-from .stores_fixtures import StoreFactory, anyio_backend, backend, ids, redis_url, stores
-
-__all__ = ["anyio_backend", "backend", "ids", "redis_url", "stores"]
+from ..support.apps import StreamApp, wait_thread_event
+from ..support.asgi import Result, call
+from ..support.stores import StoreFactory
 
 pytestmark = pytest.mark.anyio
 

@@ -1,6 +1,6 @@
 """The browser client in real headless Chromium, through a proxy that cuts connections.
 
-The page (tests/pages/client.html) loads the client the middleware serves at
+The page (tests/support/pages/client.html) loads the client the middleware serves at
 ``/_durable/durable-fetch.js`` and renders answers into ``#out``. The proxy kills every open
 connection several times during one answer; the rendered text must still equal the model's
 output exactly once, and the model's call count proves reconnects and reloads never ran it
@@ -27,14 +27,14 @@ import pytest
 from durable_asgi import DurableMiddleware, MemoryStore
 from durable_asgi._types import Receive, Scope, Send
 
-from .browser import launched_chromium
-from .proxy import CuttingProxy, running_proxy
-from .servers import running_server
+from ..support.browser import launched_chromium
+from ..support.proxy import CuttingProxy, running_proxy
+from ..support.servers import running_server
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
-PAGE = (Path(__file__).parent / "pages" / "client.html").read_bytes()
+PAGE = (Path(__file__).parent.parent / "support" / "pages" / "client.html").read_bytes()
 #: The model's answer: multi-byte characters, so cuts land inside UTF-8 sequences too.
 TOKENS = [f"{word}{i} " for i, word in enumerate(["durable", "résumé", "→", "😀", "stream"] * 14)]
 MODEL_TEXT = "".join(TOKENS)

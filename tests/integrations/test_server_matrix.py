@@ -31,7 +31,7 @@ from fastapi.responses import StreamingResponse
 from durable_asgi import DurableMiddleware, MemoryStore
 from durable_asgi._types import ASGIApp, Receive, Scope, Send
 
-from .servers import ServerName, fetch, open_stream, running_server
+from ..support.servers import ServerName, fetch, open_stream, running_server
 
 pytestmark = pytest.mark.anyio
 
@@ -110,8 +110,9 @@ def with_control(app: ASGIApp, handler: Handler) -> ASGIApp:
     return outer
 
 
-# The same apps for the servers' own CLIs (``running_server("tests.test_server_matrix:...")``):
-# each run is a fresh process, so these module-level counters start at zero every time.
+# The same apps for the servers' own CLIs
+# (``running_server("tests.integrations.test_server_matrix:...")``): each run is a fresh
+# process, so these module-level counters start at zero every time.
 _cli_handler = Handler()
 cli_bare = with_control(plain_app(_cli_handler), _cli_handler)
 cli_durable = with_control(
@@ -143,7 +144,7 @@ class Served:
 @contextlib.contextmanager
 def serve(server: ServerName, kind: str, *, durable: bool) -> Iterator[str]:
     if kind == "cli":  # the server's own command line, in a subprocess
-        target = f"tests.test_server_matrix:{'cli_durable' if durable else 'cli_bare'}"
+        target = f"tests.integrations.test_server_matrix:{'cli_durable' if durable else 'cli_bare'}"
         with running_server(target, server=server) as running:
             yield running.url
         return

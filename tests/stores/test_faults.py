@@ -2,11 +2,11 @@
 
 Every case is bounded in time (``call``/``fetch`` timeouts, ``fail_after``): a failure is a
 failure, never a hang. kill -9 of the producing worker and Redis restarts live in
-``tests/test_multiprocess.py``.
+``tests/integrations/test_multiprocess.py``.
 
 CI runs a small budget of hypothesis examples. For a soak run::
 
-    DURABLE_ASGI_SOAK=1 pytest tests/test_faults.py tests/test_bad_input.py
+    DURABLE_ASGI_SOAK=1 pytest tests/stores/test_faults.py tests/engine/test_bad_input.py
 
 (``DURABLE_ASGI_SOAK=<n>`` multiplies the example counts by n; 1 means x20.)
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import signal
 import socket
 import time
@@ -31,26 +30,13 @@ from hypothesis import strategies as st
 from durable_asgi import DurableMiddleware, MemoryStore
 from durable_asgi._types import Receive, Scope, Send
 
-from .apps import StreamApp, wait_thread_event
-from .asgi import call
-from .servers import IncompleteBody, fetch, open_stream, running_server
-from .stores_fixtures import StoreFactory, anyio_backend, backend, ids, redis_url, stores
-
-__all__ = ["anyio_backend", "backend", "ids", "redis_url", "stores"]
+from ..support.apps import StreamApp, wait_thread_event
+from ..support.asgi import call
+from ..support.servers import IncompleteBody, fetch, open_stream, running_server
+from ..support.soak import examples, soak_factor
+from ..support.stores import StoreFactory
 
 pytestmark = pytest.mark.anyio
-
-
-def soak_factor() -> int:
-    raw = os.environ.get("DURABLE_ASGI_SOAK", "").strip()
-    if raw in ("", "0"):
-        return 0
-    return 20 if raw == "1" else int(raw)
-
-
-def examples(ci: int) -> int:
-    """`ci` examples in CI; many more in soak mode."""
-    return ci * soak_factor() if soak_factor() else ci
 
 
 FAST = settings(
@@ -257,11 +243,11 @@ async def test_sigterm_with_streams_in_flight_ends_them_in_a_defined_state(
     complete or visibly truncated — the server exits, and after a restart no stream is left
     ``running``: each is ``complete`` or ``failed`` and a new request for it gets a defined
     answer."""
-    from .fault_apps import chunk
+    from ..support.fault_apps import chunk
 
     whole = b"".join(chunk(i) for i in range(400))
     outcomes: list[tuple[str, bytes]] = []
-    with running_server("tests.fault_apps:slow", shutdown_timeout=6.0) as server:
+    with running_server("tests.support.fault_apps:slow", shutdown_timeout=6.0) as server:
         assert server.process is not None
 
         async def reader(key: str) -> None:
@@ -293,7 +279,7 @@ async def test_sigterm_with_streams_in_flight_ends_them_in_a_defined_state(
     assert ended < 15
 
     # Restart on the same database: nothing stays running; truncated streams rerun.
-    with running_server("tests.fault_apps:slow") as server:
+    with running_server("tests.support.fault_apps:slow") as server:
         deadline = time.monotonic() + 6  # lease (1 s) + poll slack
         for i in range(3):
             while True:

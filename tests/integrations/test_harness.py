@@ -15,7 +15,14 @@ import pytest
 
 from durable_asgi._types import Receive, Scope, Send
 
-from .servers import IncompleteBody, RunningServer, ServerName, fetch, open_stream, running_server
+from ..support.servers import (
+    IncompleteBody,
+    RunningServer,
+    ServerName,
+    fetch,
+    open_stream,
+    running_server,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -78,7 +85,8 @@ class ProbeApp:
                 return
 
 
-SUBPROCESS_APP = ProbeApp()  # for running_server("tests.test_harness:SUBPROCESS_APP")
+SUBPROCESS_APP = ProbeApp()  # for running_server(SUBPROCESS)
+SUBPROCESS = "tests.integrations.test_harness:SUBPROCESS_APP"
 
 
 @pytest.fixture
@@ -168,7 +176,7 @@ def test_uvicorn_with_httptools() -> None:
 async def test_import_string_runs_in_a_subprocess_that_stops_with_the_block(
     server_name: ServerName,
 ) -> None:
-    with running_server("tests.test_harness:SUBPROCESS_APP", server=server_name) as server:
+    with running_server(SUBPROCESS, server=server_name) as server:
         result = await fetch(server.url, "/chunked")
         assert (result.body, result.complete) == (BODY, True)
     assert server.process is not None
@@ -179,7 +187,7 @@ async def test_import_string_runs_in_a_subprocess_that_stops_with_the_block(
 async def test_import_string_runs_in_a_subprocess_a_test_can_kill(
     server_name: ServerName,
 ) -> None:
-    with running_server("tests.test_harness:SUBPROCESS_APP", server=server_name) as server:
+    with running_server(SUBPROCESS, server=server_name) as server:
         assert server.process is not None
         async with open_stream(server.url, "/hold") as resp:
             assert await resp.read_exactly(len(BODY)) == BODY

@@ -1,7 +1,6 @@
-# ruff: noqa: F811  -- the fixtures are imported from stores_fixtures, then requested by name
 """The store conformance suite: what every `Store` backend must do, run against each of them.
 
-A third-party store passes when it passes this module: add it to `stores_fixtures.BACKENDS`
+A third-party store passes when it passes this module: add it to `tests.support.stores.BACKENDS`
 and teach the `stores` fixture there to build it.
 Waits are synchronised with events and deadlines, never sleeps; only lease and TTL expiry,
 which are about wall-clock time, sleep past a short deadline.
@@ -25,17 +24,7 @@ import pytest
 from durable_asgi.exceptions import ConfigurationError
 from durable_asgi.stores import Lease, LeaseLost, Store, StreamInfo, stream_id
 
-from .stores_fixtures import (  # noqa: F401  (fixtures)
-    SHARED_BACKENDS,
-    Ids,
-    StoreFactory,
-    anyio_backend,
-    backend,
-    ids,
-    redis_url,
-    store,
-    stores,
-)
+from ..support.stores import SHARED_BACKENDS, Ids, StoreFactory
 
 pytestmark = pytest.mark.anyio
 

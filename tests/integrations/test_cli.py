@@ -17,10 +17,6 @@ import pytest
 from durable_asgi.cli import main
 from durable_asgi.stores import Lease, Store, store_from_url
 
-from .stores_fixtures import redis_url
-
-__all__ = ["redis_url"]
-
 BODY = bytes(range(256)) * 40  # binary, 10 KiB
 
 
