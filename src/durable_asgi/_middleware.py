@@ -22,7 +22,7 @@ from ._options import OptionFields, StreamOptions
 from ._producer import Producer
 from ._protocol import Control, parse_control, parse_offset, send_json
 from ._reader import serve_info
-from ._request import DurableRequest
+from ._request import DurableRequest, replay_body
 from ._routes import RequestMark, RouteResolver
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .exceptions import BadRequest, ClientDisconnected, StoreError, StoreFull
@@ -344,17 +344,7 @@ class _Exchange:
         receive = self.receive
         if request.body_consumed:
             # The extractor read the body: hand it to the app again, then the real channel.
-            body = await request.body()
-            sent = False
-
-            async def replay() -> Message:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await self.receive()
-
-            receive = replay
+            receive = replay_body(await request.body(), self.receive)
         await self.middleware.app(self.scope, receive, self.send)
 
     async def _stream(self, offset: int | None, body: bytes) -> None:

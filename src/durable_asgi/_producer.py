@@ -29,6 +29,7 @@ import anyio.lowlevel
 from ._options import StreamOptions
 from ._protocol import stored_headers
 from ._reader import Followed, serve_stream, until_disconnect
+from ._request import replay_body
 from ._tasks import Beside, Flag
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .exceptions import LeaseLost, StoreError
@@ -245,15 +246,12 @@ class Producer:
             extensions.pop(name, None)
         scope["extensions"] = extensions
         scope["asgi"] = _with_send_errors(scope.get("asgi"))
-        body_sent = False
 
-        async def app_receive() -> Message:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
+        async def disconnect_when_sent() -> Message:
             await self._flags[Phase.SENT].wait()
             return {"type": "http.disconnect"}
+
+        app_receive = replay_body(body, disconnect_when_sent)
 
         self.engine.producers[self.lease.stream_id] = self
         try:

@@ -7,15 +7,15 @@ the body once, up to the middleware's `max_request_body`, so the app still recei
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from functools import cached_property
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ._types import Receive, Scope
+from ._types import Message, Receive, Scope
 from .exceptions import ClientDisconnected, RequestTooLarge
 
-__all__ = ["DurableRequest", "RequestHeaders"]
+__all__ = ["DurableRequest", "RequestHeaders", "replay_body"]
 
 
 class RequestHeaders(Mapping[str, str]):
@@ -132,3 +132,18 @@ class DurableRequest:
             return json.loads(body)
         except RecursionError:
             raise ValueError("JSON body nested too deeply") from None
+
+
+def replay_body(body: bytes, then: Callable[[], Awaitable[Message]]) -> Receive:
+    """A `receive` that answers the whole request `body` once, then whatever `then` answers
+    (the real channel, or a disconnect when the producer says so)."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive

@@ -15,8 +15,8 @@ State machine::
 A stream is *claimable* (the next `claim` replaces it with a fresh one) when it is absent,
 expired, `failed`, running with an expired lease, or finished but not retained (non-2xx).
 
-Third-party stores implement `Store`; `tests/stores/test_store_conformance.py` is the suite they must
-pass. All times are Unix seconds (wall clock) because several processes share a store.
+Third-party stores implement `Store`; `tests/stores/test_store_conformance.py` is the suite
+they must pass. All times are Unix seconds (wall clock) because several processes share a store.
 """
 
 from __future__ import annotations
