@@ -28,9 +28,17 @@ import anyio.lowlevel
 
 from ._options import StreamOptions
 from ._protocol import stored_headers
-from ._reader import Followed, serve_stream, until_disconnect
+from ._reader import (
+    Followed,
+    LiveClient,
+    Tail,
+    count_reader_in,
+    send_body,
+    serve_stream,
+    until_disconnect,
+)
 from ._request import replay_body
-from ._tasks import Beside, Flag
+from ._tasks import Beside, Flag, asyncio_loop
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .exceptions import LeaseLost, StoreError
 from .stores._base import FinalState, Headers, Lease, join
@@ -191,6 +199,10 @@ class Producer:
         """What the first client's reader raised unexpectedly, likewise."""
         #: The head as the app sent it (with cookies): only for the client that started it.
         self.head: tuple[int, Headers] | None = None
+        self.client: LiveClient | None = None
+        """The first client, fed inline while it keeps up (asyncio; see `serve`)."""
+        self.stored: FinalState | None = None
+        """The state the store recorded the stream's end in, once it did."""
         self.buffer = WriteBehind()
         # A flag per phase something waits for: the head (or its absence), the response
         # sent, the end.
@@ -209,9 +221,12 @@ class Producer:
         for at, flag in self._flags.items():
             if at <= phase:
                 flag.set()
-        if phase is Phase.DONE and self.engine.producers.get(self.lease.stream_id) is self:
-            # No longer this process's to abort or shut down.
-            del self.engine.producers[self.lease.stream_id]
+        if phase is Phase.DONE:
+            if self.engine.producers.get(self.lease.stream_id) is self:
+                # No longer this process's to abort or shut down.
+                del self.engine.producers[self.lease.stream_id]
+            if self.client is not None:
+                self.client.changed()
 
     @property
     def reason(self) -> str:
@@ -296,6 +311,8 @@ class Producer:
             self.buffer.head = (status, stored_headers(headers))
             self._advance(Phase.STREAMING)
             self.buffer.wake()
+            if self.client is not None:
+                self.client.start(self._followed(), self.options)
         elif kind == "http.response.body":
             if self.phase is not Phase.STREAMING or self.buffer.closed:
                 return
@@ -306,7 +323,10 @@ class Producer:
                     self.stop(Stop.TOO_LARGE, f"{limit} bytes")
                     await anyio.lowlevel.checkpoint()  # deliver the cancellation to the app now
                     return
-                self.buffer.put(bytes(data))
+                data = bytes(data)
+                self.buffer.put(data)
+                if self.client is not None:
+                    self.client.body(data)
             if not message.get("more_body", False):
                 self._advance(Phase.SENT)
             self.buffer.wake()
@@ -329,6 +349,7 @@ class Producer:
                     break
             status = self.head[0] if self.head else 500
             await store.finish(lease, self.state, ttl=self.options.ttl, retain=200 <= status < 300)
+            self.stored = self.state
         except LeaseLost:
             self.stop(Stop.LEASE_LOST)
         except StoreError as exc:
@@ -354,10 +375,22 @@ class Producer:
     ) -> None:
         """Run `app` (see `run`) for the client whose request this is, and serve that client
         meanwhile. Returns when both are done; cancelling it stops the client's reader only.
-        Never raises the app's exception (`error`) or the reader's (`client_error`)."""
+        Never raises the app's exception (`error`) or the reader's (`client_error`).
+
+        On asyncio the client is fed inline by the handler's `send` while it keeps up
+        (`LiveClient`), and from the store once it falls behind; elsewhere from the store."""
+        if asyncio_loop() is not None:
+            self.client = LiveClient(send)
         async with Beside() as beside:
             beside.start_soon(self.run, app, scope, body, receive)
             await self.serve_client(send)
+
+    def _followed(self) -> Followed:
+        assert self.head is not None
+        status, headers = self.head
+        return Followed(
+            self.lease.stream_id, self.lease.token, status, headers, "running", replay=False
+        )
 
     async def serve_client(self, send: Send) -> None:
         """Serve the client whose request started the handler, until the stream ends or the
@@ -365,19 +398,58 @@ class Producer:
         await self._flags[Phase.STREAMING].wait()
         if self.head is None:
             return  # the app failed before responding: the caller re-raises its error
-        status, headers = self.head
-        followed = Followed(
-            self.lease.stream_id, self.lease.token, status, headers, "running", replay=False
-        )
+        store = self.engine.store
         with self._client:
             try:
-                await serve_stream(self.engine.store, followed, 0, self.options, None, send)
+                if self.client is None:
+                    await serve_stream(store, self._followed(), 0, self.options, None, send)
+                else:
+                    await self._serve_live(self.client, send)
             except StoreError as exc:
                 logger.error(
                     "durable_asgi: store failed while serving %r: %s", self.lease.stream_id, exc
                 )
             except Exception as exc:
                 self.client_error = exc
+
+    async def _serve_live(self, client: LiveClient, send: Send) -> None:
+        """The request's side of a `LiveClient`: count it in after its first chunk, and end
+        its response as the stream ended — or, once it fell behind, feed it from the store."""
+        tail = Tail(
+            self.engine.store, self.lease.stream_id, self.lease.token, 0, self.options.poll_interval
+        )
+        count_in = True
+        try:
+            while not client.gone:
+                if client.first and count_in:  # once, whether or not the store takes it
+                    count_in = False
+                    await count_reader_in(tail)
+                if client.behind is not None:
+                    if await client.caught_up():
+                        tail.offset = client.offset
+                        error = await send_body(tail, None, client.ids, send, count_in=count_in)
+                        if error is not None:
+                            raise error
+                    break
+                if self.phase is Phase.DONE:
+                    if self.stored == "complete":
+                        last = client.ids.flush() if client.ids is not None else b""
+                        await send({"type": "http.response.body", "body": last, "more_body": False})
+                    # Otherwise end without completing the body: the server closes the
+                    # connection, so the client sees a truncated response, never a clean end.
+                    break
+                await client.wait()
+        except OSError:
+            pass  # ASGI 2.4+ servers raise OSError on send after the client left.
+        finally:
+            client.leave()
+            if client.behind is not None and not client.behind.done():
+                client.behind.cancel()  # the client is gone: its send has no one to wait for
+            if tail.counted:
+                with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
+                    await tail.store.attach(tail.stream_id, -1)
+        if client.error is not None:
+            raise client.error
 
     async def _keep(self, receive: Receive | None) -> None:
         """Renew the lease every third of it, and stop the first client's reader when that
@@ -391,6 +463,8 @@ class Producer:
                         await until_disconnect(receive)
                         receive = None
                         self._client.cancel()
+                        if self.client is not None:
+                            self.client.leave()
                     await anyio.sleep_forever()
                 try:
                     await store.renew(self.lease, lease_seconds=self.options.lease_seconds)

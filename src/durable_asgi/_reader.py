@@ -13,6 +13,7 @@ never looks whole.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
@@ -22,12 +23,22 @@ import anyio
 
 from ._options import StreamOptions
 from ._protocol import SSEIds, is_event_stream, replay_headers, send_json
-from ._tasks import Beside
-from ._types import Receive, Send
+from ._tasks import DONE, Beside, finish, step
+from ._types import Message, Receive, Send
 from .exceptions import StoreError
 from .stores._base import Headers, State, Store, StreamInfo
 
-__all__ = ["READ_SIZE", "Followed", "serve_info", "serve_stream", "until_disconnect"]
+__all__ = [
+    "READ_SIZE",
+    "Followed",
+    "LiveClient",
+    "Tail",
+    "count_reader_in",
+    "send_body",
+    "serve_info",
+    "serve_stream",
+    "until_disconnect",
+]
 
 logger = logging.getLogger("durable_asgi")
 
@@ -87,6 +98,106 @@ class Tail:
                 return
             else:
                 await store.wait(info, self.poll)
+
+
+class LiveClient:
+    """The client whose request started the handler, fed by the handler's own `send` while it
+    keeps up (asyncio).
+
+    The handler's chunk reaches this client the way it would without durable_asgi: its
+    `send` runs in the handler's task (`step`), with no task switch and no store round trip;
+    the store gets the same bytes beside it. The first send that would wait — the client reads
+    slower than the handler writes — goes on in a task of its own (`finish`) and the client
+    falls *behind*: from then on it is fed from the store, from the `offset` it reached, like
+    any reader, so a slow client never slows the handler. The request's task sleeps meanwhile,
+    and wakes only for what changes how it is served (`wait`): the first chunk out, falling
+    behind, the client gone, the stream's end.
+    """
+
+    __slots__ = ("_changed", "behind", "error", "first", "gone", "ids", "offset", "send")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.offset = 0
+        """Body bytes of the stream handed to `send` (before `ids` rewrote them)."""
+        self.ids: SSEIds | None = None
+        self.first = False
+        """Whether a body chunk went out (the reader is counted in then)."""
+        self.behind: asyncio.Task[None] | None = None
+        """The send that would have waited, going on by itself: the client is store-fed."""
+        self.gone = False
+        self.error: Exception | None = None
+        """What `send` raised other than the client leaving, for the request to re-raise."""
+        self._changed: anyio.Event | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.behind is None and not self.gone
+
+    def start(self, stream: Followed, options: StreamOptions) -> None:
+        """Send the response head (the handler's own, cookies included)."""
+        sse = options.sse_ids and is_event_stream(stream.headers)
+        headers = replay_headers(
+            stream.headers, offset=0, state=stream.state, replay=False, total=None, rewrite_body=sse
+        )
+        self.ids = SSEIds(0) if sse else None
+        self._deliver({"type": "http.response.start", "status": stream.status, "headers": headers})
+
+    def body(self, data: bytes) -> None:
+        """Send a chunk of the body, if the client is live."""
+        if not self.live:
+            return
+        self.offset += len(data)
+        if self.ids is not None:
+            data = self.ids.feed(data)
+            if not data:
+                return
+        self._deliver({"type": "http.response.body", "body": data, "more_body": True})
+        if not self.first:
+            self.first = True
+            self.changed()
+
+    def _deliver(self, message: Message) -> None:
+        try:
+            steps, yielded = step(self.send(message))
+        except OSError:  # ASGI 2.4+ servers raise it on send once the client left
+            self.leave()
+            return
+        except Exception as exc:
+            self.error = exc
+            self.leave()
+            return
+        if yielded is not DONE:
+            self.behind = asyncio.ensure_future(finish(steps, yielded))
+            self.changed()
+
+    def leave(self) -> None:
+        """The client is gone: nothing more is sent to it."""
+        self.gone = True
+        self.changed()
+
+    def changed(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait(self) -> None:
+        """Until `changed` (callers re-check what they wait for)."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+    async def caught_up(self) -> bool:
+        """Wait for the send that fell behind; False if the client left meanwhile."""
+        assert self.behind is not None
+        try:
+            await asyncio.shield(self.behind)
+        except OSError:
+            self.gone = True
+        except Exception as exc:
+            self.error = exc
+            self.gone = True
+        return not self.gone
 
 
 async def wait_for_head(store: Store, info: StreamInfo, poll: float) -> StreamInfo | None:
@@ -166,20 +277,21 @@ async def serve_stream(
     )
     tail = Tail(store, stream.stream_id, stream.generation, offset, options.poll_interval)
     ids = SSEIds(offset) if sse else None
+    head = {"type": "http.response.start", "status": stream.status, "headers": out_headers}
     try:
         if receive is None:
-            error = await _send_body(tail, stream.status, out_headers, ids, send)
+            error = await send_body(tail, head, ids, send)
             if error is not None:
                 raise error
         else:
-            await _pump(tail, stream.status, out_headers, ids, receive, send)
+            await _pump(tail, head, ids, receive, send)
     finally:
         if tail.counted:
             with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
                 await store.attach(stream.stream_id, -1)
 
 
-async def _count_in(tail: Tail) -> None:
+async def count_reader_in(tail: Tail) -> None:
     """Count the reader in (`StreamInfo.readers`)."""
     with anyio.CancelScope(shield=True):  # so that the count out knows whether to run
         try:
@@ -200,19 +312,21 @@ async def until_disconnect(receive: Receive) -> None:
         logger.warning("durable_asgi: receive() failed, taking the client as gone: %r", exc)
 
 
-async def _send_body(
+async def send_body(
     tail: Tail,
-    status: int,
-    headers: list[tuple[bytes, bytes]],
+    head: Message | None,
     ids: SSEIds | None,
     send: Send,
+    *,
+    count_in: bool = True,
 ) -> Exception | None:
-    """Send the head, then the body as `tail` yields it, then end as the stream did. Returns
-    (not raises) an unexpected exception. The reader is counted in once its first chunk is
-    out (so a shared store's round trip stays off the time to first byte)."""
-    count_in = True
+    """Send `head` (None: it is out already), then the body as `tail` yields it, then end as
+    the stream did. Returns (not raises) an unexpected exception. The reader is counted in
+    once its first chunk is out (so a shared store's round trip stays off the time to first
+    byte), unless `count_in` is False (it was already)."""
     try:
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if head is not None:
+            await send(head)
         # Closed here, not by the garbage collector, when the reader is cancelled mid-stream.
         async with contextlib.aclosing(tail.__aiter__()) as chunks:
             async for data in chunks:
@@ -223,7 +337,7 @@ async def _send_body(
                 await send({"type": "http.response.body", "body": data, "more_body": True})
                 if count_in:  # once, whether or not the store takes it
                     count_in = False
-                    await _count_in(tail)
+                    await count_reader_in(tail)
         if tail.end == "complete":
             last = ids.flush() if ids is not None else b""
             await send({"type": "http.response.body", "body": last, "more_body": False})
@@ -240,12 +354,7 @@ async def _send_body(
 
 
 async def _pump(
-    tail: Tail,
-    status: int,
-    headers: list[tuple[bytes, bytes]],
-    ids: SSEIds | None,
-    receive: Receive,
-    send: Send,
+    tail: Tail, head: Message, ids: SSEIds | None, receive: Receive, send: Send
 ) -> None:
     """Send the body from this task while another watches `receive`, and stop the body when
     the client leaves."""
@@ -254,7 +363,7 @@ async def _pump(
         async with Beside() as beside:
             beside.start_soon(_watch, receive, reading)
             try:
-                error = await _send_body(tail, status, headers, ids, send)
+                error = await send_body(tail, head, ids, send)
             finally:
                 beside.cancel()
     if error is not None:

@@ -1,4 +1,5 @@
-"""Tasks beside a block, and one-shot flags: the two concurrency helpers of the engine.
+"""Tasks beside a block, one-shot flags, and a coroutine run inline: the engine's concurrency
+helpers.
 
 Both exist for memory: a server runs thousands of streams, each with a few tasks and events.
 On asyncio an anyio task costs about 4 KB (its handle comes with a cancel scope and an event) and
@@ -9,17 +10,17 @@ its task group 1.6 KB more, where a bare task costs about 1.3 KB; an `anyio.Even
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-__all__ = ["Beside", "Flag"]
+__all__ = ["DONE", "Beside", "Flag", "asyncio_loop", "finish", "step"]
 
 
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+def asyncio_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio event loop, or None on another backend (trio)."""
     try:
         return asyncio.get_running_loop()
@@ -47,7 +48,7 @@ class Beside:
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def __aenter__(self) -> Beside:
-        if _asyncio_loop() is None:
+        if asyncio_loop() is None:
             self._group = anyio.create_task_group()
             await self._group.__aenter__()
         return self
@@ -103,3 +104,49 @@ class Flag:
         if self._event is None:
             self._event = anyio.Event()
         await self._event.wait()
+
+
+#: What `step` returns for an awaitable that ran to its end.
+DONE: Any = object()
+
+Steps = Iterator[Any]
+"""An awaitable's ``__await__()`` iterator: what a task drives (with `next`: some servers'
+awaitables, granian's, are plain iterators, not generators)."""
+
+
+def step(awaitable: Awaitable[Any]) -> tuple[Steps, Any]:
+    """Run `awaitable` in the caller's task until it first suspends (asyncio only).
+
+    Returns its iterator and `DONE` if it ran to its end — the common case for a server's
+    ``send`` while the client keeps up: no task, no loop iteration. Otherwise, with what it
+    suspended on, for `finish` to continue in a task of its own (so the caller never waits for
+    it). Its errors are raised here. Python 3.12's eager tasks do the same, at the cost of a
+    task each.
+    """
+    steps = awaitable.__await__()
+    try:
+        return steps, next(steps)
+    except StopIteration:
+        return steps, DONE
+
+
+async def finish(steps: Steps, yielded: Any) -> None:
+    """Continue an awaitable `step` left suspended on `yielded`, as its task would have: wait
+    for the future it yielded, resume it, until it returns. Its errors are raised here; if this
+    is cancelled, so is the awaitable."""
+    try:
+        while True:
+            if yielded is None:  # a bare yield (asyncio.sleep(0)): one loop iteration
+                await asyncio.sleep(0)
+            else:
+                yielded._asyncio_future_blocking = False
+                await asyncio.wait([yielded])
+            try:
+                yielded = next(steps)
+            except StopIteration:
+                return
+    except BaseException:
+        close = getattr(steps, "close", None)
+        if close is not None:
+            close()
+        raise

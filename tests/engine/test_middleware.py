@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-from durable_asgi import DurableMiddleware, MemoryStore, StoreError, keys
+from durable_asgi import DurableMiddleware, Lease, MemoryStore, StoreError, keys
 from durable_asgi._types import Receive, Scope, Send
 
 from ..support.apps import CHUNKS, StreamApp, wait_thread_event
@@ -634,20 +634,47 @@ async def test_no_content_policies_only_join_running_streams() -> None:
 class FailingReads(MemoryStore):
     """A store whose reads fail once a reader got its first 10 bytes (a Redis gone away)."""
 
+    failing = False
+
     async def read(self, stream_id: str, offset: int, limit: int) -> tuple[Any, bytes]:
-        if offset >= 10:
+        if self.failing and offset >= 10:
             raise StoreError("connection lost")
-        return await super().read(stream_id, offset, 10 - offset)
+        return await super().read(stream_id, offset, 10 - offset if self.failing else limit)
+
+
+class FailingWrites(MemoryStore):
+    """A store whose appends fail once it holds some bytes of a stream."""
+
+    async def append(self, lease: Lease, data: bytes, *, chunks: int) -> None:
+        info = await self.info(lease.stream_id)
+        if info is not None and info.offset > 0:
+            raise StoreError("connection lost")
+        await super().append(lease, data, chunks=chunks)
 
 
 async def test_a_store_failing_mid_stream_ends_the_response_abnormally() -> None:
+    """For a reader fed from the store (a replay here; the first client once behind)."""
     app = StreamApp()
-    mw = DurableMiddleware(app, store=FailingReads())
+    store = FailingReads()
+    mw = DurableMiddleware(app, store=store)
+    assert (await call(mw, "/s", headers=KEY)).body == BODY
+    store.failing = True
     result = await call(mw, "/s", headers=KEY)
     assert result.status == 200
     assert not result.complete
     assert result.body == BODY[:10]
     assert app.finished == 1  # the handler itself was not disturbed
+
+
+async def test_a_store_failing_to_write_ends_the_first_clients_response_abnormally() -> None:
+    """The first client, fed inline, never gets a clean end the store didn't record: it gets
+    what the handler sent up to the failure, then a truncated body."""
+    app = StreamApp(delay=0.001)  # a write per chunk
+    mw = DurableMiddleware(app, store=FailingWrites())
+    result = await call(mw, "/s", headers=KEY)
+    assert result.status == 200
+    assert not result.complete
+    assert BODY.startswith(result.body) and result.body
 
 
 async def test_lifespan_is_spoken_for_apps_that_return_without_reading_it() -> None:
@@ -689,7 +716,6 @@ async def test_a_store_that_falls_behind_slows_the_handler_not_memory() -> None:
     """Backpressure: once more than the buffer's bound is pending, the handler's `send` waits
     for the writer; when the store catches up, everything lands byte-for-byte."""
     from durable_asgi._producer import HIGH_WATER
-    from durable_asgi.stores import Lease
 
     class SlowStore(MemoryStore):
         def __init__(self) -> None:
