@@ -9,12 +9,18 @@ it, `_tasks` has the concurrency helpers both use.
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 
 from ._producer import Producer, Stop
-from .stores._base import Store
+from .stores._base import Store, write_all
 
-__all__ = ["Engine"]
+__all__ = ["FLUSH_WINDOW", "Engine", "Flusher"]
+
+FLUSH_WINDOW = 0.005
+"""Seconds between two flushes of a busy engine: the most a byte waits to be written behind
+the first client, and what lets one store write carry every stream's chunks."""
 
 
 class Engine:
@@ -24,9 +30,17 @@ class Engine:
         self.store = store
         self.producers: dict[str, Producer] = {}
         self._opened = False
-        # Made on first use: a lock made here would belong to whichever event loop happened
-        # to be running when the middleware was built.
+        # Made on first use: a lock or task made here would belong to whichever event loop
+        # happened to be running when the middleware was built.
         self._open_lock: anyio.Lock | None = None
+        self._flusher: Flusher | None = None
+
+    def flusher(self) -> Flusher:
+        """The flusher of the running (asyncio) event loop."""
+        loop = asyncio.get_running_loop()
+        if self._flusher is None or self._flusher.loop is not loop:
+            self._flusher = Flusher(self.store, loop)
+        return self._flusher
 
     async def ensure_open(self) -> None:
         if not self._opened:
@@ -72,3 +86,55 @@ class Engine:
         with anyio.move_on_after(max(1.0, grace)):
             for producer in list(self.producers.values()):
                 await producer.wait_done()
+
+
+class Flusher:
+    """Stores what every producer of an engine has pending: one task, one batched write
+    (`write_all`: one transaction, one pipeline) for all of them, at most one per
+    `FLUSH_WINDOW` — where a writer task per producer would wake for every chunk. Idle, a
+    write goes out at once; busy, the window fills with every stream's chunks, so the cost per
+    chunk falls as load rises (group commit). asyncio only (trio: a writer per producer).
+    """
+
+    __slots__ = ("_dirty", "_last", "_task", "loop", "store", "window")
+
+    def __init__(
+        self, store: Store, loop: asyncio.AbstractEventLoop, window: float = FLUSH_WINDOW
+    ) -> None:
+        self.store = store
+        self.loop = loop
+        self.window = window
+        self._dirty: dict[Producer, None] = {}  # in the order they had something to store
+        self._task: asyncio.Task[None] | None = None
+        self._last = -window
+
+    def add(self, producer: Producer) -> None:
+        """`producer` has something to store."""
+        self._dirty[producer] = None
+        if self._task is None:
+            self._task = self.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self._dirty:
+                wait = self._last + self.window - self.loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self._last = self.loop.time()
+                producers, self._dirty = self._dirty, {}
+                writes, owners = [], []
+                for producer in producers:
+                    write = producer.take_write()
+                    if write is not None:
+                        writes.append(write)
+                        owners.append(producer)
+                if not writes:
+                    continue
+                try:
+                    outcomes = await write_all(self.store, writes)
+                except Exception as exc:  # the store failed as a whole
+                    outcomes = [exc] * len(writes)
+                for producer, outcome in zip(owners, outcomes, strict=True):
+                    producer.written(outcome)
+        finally:
+            self._task = None

@@ -41,7 +41,7 @@ from ._request import replay_body
 from ._tasks import Beside, Flag, asyncio_loop
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .exceptions import LeaseLost, StoreError
-from .stores._base import FinalState, Headers, Lease, join
+from .stores._base import FinalState, Headers, Lease, Write, join, write_all
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -204,6 +204,9 @@ class Producer:
         self.stored: FinalState | None = None
         """The state the store recorded the stream's end in, once it did."""
         self.buffer = WriteBehind()
+        self._flusher = engine.flusher() if asyncio_loop() is not None else None
+        self._in_flight = False  # the flusher holds a write of ours
+        self._store_failed = False
         # A flag per phase something waits for: the head (or its absence), the response
         # sent, the end.
         self._flags = {Phase.STREAMING: Flag(), Phase.SENT: Flag(), Phase.DONE: Flag()}
@@ -273,15 +276,17 @@ class Producer:
             # The handler outlives its client's request: nothing but `stop` stops it.
             with anyio.CancelScope(shield=True):
                 async with Beside() as beside:
-                    beside.start_soon(self._write_loop)
+                    if self._flusher is None:
+                        beside.start_soon(self._write_loop)
                     beside.start_soon(self._keep, receive)
                     try:
                         await self._run_app(app, scope, app_receive)
                     finally:
-                        # The writer stores what is pending, finishes the stream, stops the
-                        # keeper; the client's reader ends now if no head came.
+                        # The client's reader ends now if no head came; the writer stores
+                        # what is pending; then the end is recorded.
                         self._advance(Phase.CLOSING)
                         self.buffer.wake()
+                        await self._close()
         finally:
             self._advance(Phase.DONE)
 
@@ -310,7 +315,7 @@ class Producer:
             self.head = (status, headers)
             self.buffer.head = (status, stored_headers(headers))
             self._advance(Phase.STREAMING)
-            self.buffer.wake()
+            self._pending()
             if self.client is not None:
                 self.client.start(self._followed(), self.options)
         elif kind == "http.response.body":
@@ -329,44 +334,87 @@ class Producer:
                     self.client.body(data)
             if not message.get("more_body", False):
                 self._advance(Phase.SENT)
-            self.buffer.wake()
+            self._pending()
             if self.buffer.over_high_water:  # backpressure: the store is behind
                 await self.buffer.wait_drained()
 
+    # -- storing -------------------------------------------------------------------------------
+
+    def _pending(self) -> None:
+        """Something new to store: tell the engine's flusher (asyncio) or this writer (trio)."""
+        if self._flusher is not None:
+            self._flusher.add(self)
+        else:
+            self.buffer.wake()
+
+    def take_write(self) -> Write | None:
+        """Everything pending, as one write (None: nothing, or nothing more may be stored)."""
+        buffer = self.buffer
+        if buffer.closed or not buffer.pending:
+            return None
+        head, data, chunks = buffer.take()
+        self._in_flight = True
+        return Write(self.lease, head, data, chunks)
+
+    def written(self, error: BaseException | None) -> None:
+        """What `take_write` gave is stored, or met `error`: then nothing more will be."""
+        self._in_flight = False
+        if error is not None:
+            if isinstance(error, LeaseLost):
+                self.stop(Stop.LEASE_LOST)
+            else:
+                logger.error("durable_asgi: store failed for %r: %s", self.lease.stream_id, error)
+                self.stop(Stop.STORE_ERROR, str(error))
+                self._store_failed = True
+            self.buffer.close()  # from here on `_send` drops data, and nothing waits
+            self._keeping.cancel()
+        self.buffer.release()
+
     async def _write_loop(self) -> None:
+        """This producer's own writer, where there is no flusher (trio)."""
+        store, buffer = self.engine.store, self.buffer
+        while not buffer.closed:
+            await buffer.wait_for_work()
+            while (write := self.take_write()) is not None:
+                try:
+                    if write.head is not None:
+                        await store.start(write.lease, *write.head)
+                    if write.data:
+                        await store.append(write.lease, write.data, chunks=write.chunks)
+                except Exception as exc:
+                    self.written(exc)
+                else:
+                    self.written(None)
+            if self.phase >= Phase.CLOSING:
+                return
+
+    async def _close(self) -> None:
+        """After the handler: once everything it sent is stored, record how the stream ended
+        (failed, if the store did) and stop the keeper. Then the stream is final."""
         store, lease, buffer = self.engine.store, self.lease, self.buffer
         try:
-            while True:
-                await buffer.wait_for_work()
-                while buffer.pending:
-                    head, data, chunks = buffer.take()
-                    if head is not None:
-                        await store.start(lease, *head)
-                    if data:
-                        await store.append(lease, data, chunks=chunks)
-                    buffer.release()
-                if self.phase >= Phase.CLOSING:
-                    break
-            status = self.head[0] if self.head else 500
-            await store.finish(lease, self.state, ttl=self.options.ttl, retain=200 <= status < 300)
-            self.stored = self.state
-        except LeaseLost:
-            self.stop(Stop.LEASE_LOST)
-        except StoreError as exc:
-            logger.error("durable_asgi: store failed for %r: %s", lease.stream_id, exc)
-            self.stop(Stop.STORE_ERROR, str(exc))
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(self.options.lease_seconds),
-                contextlib.suppress(StoreError),
-            ):
-                await store.finish(lease, "failed", ttl=self.options.ttl, retain=False)
+            while self._in_flight and not buffer.closed:  # the writer's, or the flusher's
+                await buffer.wait_drained()
+            write = self.take_write()
+            if write is not None:  # the rest, now: the end isn't kept waiting for a window
+                self.written((await write_all(store, [write]))[0])
+            if not buffer.closed:
+                status = self.head[0] if self.head else 500
+                retain = 200 <= status < 300
+                await store.finish(lease, self.state, ttl=self.options.ttl, retain=retain)
+                self.stored = self.state
+        except Exception as exc:
+            self.written(exc)
         finally:
-            # From here on `_send` drops data, and nothing waits for the store any more.
             buffer.close()
             self._keeping.cancel()
-            if self.phase >= Phase.CLOSING:  # the app has returned too: the stream is final
-                self._advance(Phase.DONE)
+            if self._store_failed:
+                with (
+                    anyio.move_on_after(self.options.lease_seconds),
+                    contextlib.suppress(StoreError),
+                ):
+                    await store.finish(lease, "failed", ttl=self.options.ttl, retain=False)
+            self._advance(Phase.DONE)
 
     # -- the first client ----------------------------------------------------------------------
 

@@ -60,15 +60,21 @@ class GroupCommit(Generic[Item, Result]):
         not land after the caller's next one); with `shield`, the caller waits for the commit
         even when cancelled, so it always knows whether the write landed.
         """
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._run())
+        future = self.enqueue(item)
         if shield:
             with anyio.CancelScope(shield=True):
                 await asyncio.wait([future])
             return future.result()
         return await future
+
+    def enqueue(self, item: Item) -> asyncio.Future[Result]:
+        """Queue `item` and return the future of its result: a caller with many items queues
+        them all, then waits for all (one batch, where `submit` each would be one a batch)."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._run())
+        return future
 
     async def _run(self) -> None:
         """The flusher: sends batches in queue order until nothing is queued."""

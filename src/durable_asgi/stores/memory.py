@@ -12,7 +12,7 @@ import bisect
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._base import (
@@ -24,6 +24,7 @@ from ._base import (
     StoreFull,
     StreamInfo,
     effective,
+    evolve,
     is_claimable,
     join,
     new_token,
@@ -106,7 +107,7 @@ class MemoryStore:
 
     def _update(self, stream: _Stream, **changes: Any) -> None:
         info = stream.info
-        stream.info = replace(info, version=info.version + 1, updated_at=time.time(), **changes)
+        stream.info = evolve(info, version=info.version + 1, updated_at=time.time(), **changes)
         self._notifier.notify(info.id)
 
     def _make_room(self, extra_streams: int, extra_bytes: int) -> bool:
@@ -181,7 +182,7 @@ class MemoryStore:
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
         stream = self._owned(lease)
         # Not a visible change: no version bump, no wake-up.
-        stream.info = replace(stream.info, lease_expires_at=time.time() + lease_seconds)
+        stream.info = evolve(stream.info, lease_expires_at=time.time() + lease_seconds)
 
     async def finish(self, lease: Lease, state: FinalState, *, ttl: float, retain: bool) -> None:
         stream = self._owned(lease)
@@ -235,7 +236,7 @@ class MemoryStore:
     async def attach(self, stream_id: str, delta: int) -> None:
         stream = self._streams.get(stream_id)
         if stream is not None:
-            stream.info = replace(stream.info, readers=max(0, stream.info.readers + delta))
+            stream.info = evolve(stream.info, readers=max(0, stream.info.readers + delta))
 
     async def abort(self, stream_id: str, *, ttl: float) -> bool:
         now = time.time()

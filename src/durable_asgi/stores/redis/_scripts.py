@@ -13,6 +13,7 @@ behind a pipeline of a thousand appends in flight.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,6 +115,18 @@ class Lanes:
         if isinstance(client, RedisCluster):  # keys of one call share a slot, a batch doesn't
             return await script.run(client, keys, args)
         return await self._lanes[lane].submit((script, keys, args))
+
+    @property
+    def batched(self) -> bool:
+        """False on a cluster: keys of one call share a slot, a pipeline's don't."""
+        return not isinstance(self._connection.commands(), RedisCluster)
+
+    def enqueue(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], lane: int = OTHERS
+    ) -> asyncio.Future[Any]:
+        """Queue `script` in `lane` and return the future of its reply, so that many calls
+        go in one pipeline (only where `batched`)."""
+        return self._lanes[lane].enqueue((script, keys, args))
 
     async def drain(self) -> None:
         """Wait until the scripts queued so far are sent and answered."""

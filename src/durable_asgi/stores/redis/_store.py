@@ -3,9 +3,10 @@ streams this process produces (see the package docstring for the design)."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -20,9 +21,12 @@ from .._base import (
     Notifier,
     StoreError,
     StreamInfo,
+    Write,
     effective,
+    evolve,
     join,
     new_token,
+    write_each,
 )
 from . import _scripts as scripts
 from ._codec import DATA, glob_escape, key_names, ms, pack_headers, snapshot
@@ -176,29 +180,34 @@ class RedisStore:
         mine = self._producing.get(lease.stream_id)
         if mine is not None and mine.info.generation == lease.token:
             changes["chunks"] = mine.info.chunks + chunks
-            mine.update(replace(mine.info, **changes), (data,))
+            mine.update(evolve(mine.info, **changes), (data,))
 
-    async def _write(
-        self, script: Script, lease: Lease, *args: bytes | str | int, want: int = -1
-    ) -> list[Any]:
-        """Run a fenced write; its reply is ``[b"ok", version, ...]``."""
-        reply = await self._eval(
-            script,
-            self._keys(lease.stream_id),
-            lease.token,
-            want,
-            ms(self.orphan_ttl),
-            *args,
-            lane=WRITES,
-        )
+    def _fenced(
+        self, lease: Lease, args: Sequence[bytes | str | int], want: int
+    ) -> tuple[tuple[str, str, str], tuple[bytes | str | int, ...]]:
+        """The keys and arguments of a fenced write."""
+        return self._keys(lease.stream_id), (lease.token, want, ms(self.orphan_ttl), *args)
+
+    def _held(self, lease: Lease, reply: Any) -> list[Any]:
+        """A fenced write's reply, ``[b"ok", version, ...]``; `LeaseLost` if it was refused."""
         if reply[0] == b"lost":
             self._released(lease)
             self._notifier.notify(lease.stream_id)  # local readers: re-read, see why
             raise LeaseLost(f"lease on {lease.stream_id!r} was lost: {reply[1].decode()}")
         return list(reply)
 
+    async def _write(
+        self, script: Script, lease: Lease, *args: bytes | str | int, want: int = -1
+    ) -> list[Any]:
+        """Run a fenced write; its reply is ``[b"ok", version, ...]``."""
+        keys, fenced = self._fenced(lease, args, want)
+        return self._held(lease, await self._eval(script, keys, *fenced, lane=WRITES))
+
     async def start(self, lease: Lease, status: int, headers: Headers) -> None:
         reply = await self._write(scripts.START, lease, status, pack_headers(headers))
+        self._started(lease, status, headers, reply)
+
+    def _started(self, lease: Lease, status: int, headers: Headers, reply: list[Any]) -> None:
         version, now = int(reply[1]), time.time()
         self._produced(
             lease, status_code=status, headers=tuple(headers), version=version, updated_at=now
@@ -213,10 +222,43 @@ class RedisStore:
         # the next append goes unchecked (and learns the offset again from its reply).
         want = self._ends.pop(lease.token, -1)
         reply = await self._write(scripts.APPEND, lease, data, chunks, want=want)
+        self._appended(lease, data, chunks, reply)
+
+    def _appended(self, lease: Lease, data: bytes, chunks: int, reply: list[Any]) -> None:
         self._ends[lease.token] = offset = int(reply[2])
         version, now = int(reply[1]), time.time()
         self._produced(lease, data, chunks, version=version, offset=offset, updated_at=now)
         self._changed(lease.stream_id, version, lease.token)
+
+    async def write_many(self, writes: Sequence[Write]) -> list[BaseException | None]:
+        """`write_all` for Redis: every write's fenced scripts in one pipeline (on a cluster,
+        where a pipeline can't span slots, one after another)."""
+        if not self._lanes.batched:
+            return await write_each(self, writes)
+        queued: list[tuple[int, Callable[[list[Any]], None], asyncio.Future[Any]]] = []
+        done: Callable[[list[Any]], None]
+        for i, write in enumerate(writes):
+            lease = write.lease
+            if write.head is not None:
+                status, headers = write.head
+                keys, args = self._fenced(lease, (status, pack_headers(headers)), -1)
+                done = functools.partial(self._started, lease, status, headers)
+                queued.append((i, done, self._lanes.enqueue(scripts.START, keys, args, WRITES)))
+            if write.data:
+                want = self._ends.pop(lease.token, -1)  # as in `append`
+                keys, args = self._fenced(lease, (write.data, write.chunks), want)
+                done = functools.partial(self._appended, lease, write.data, write.chunks)
+                queued.append((i, done, self._lanes.enqueue(scripts.APPEND, keys, args, WRITES)))
+        if queued:
+            await asyncio.wait([future for _, _, future in queued])
+        outcomes: list[BaseException | None] = [None] * len(writes)
+        for i, done, future in queued:
+            if outcomes[i] is None:
+                try:
+                    done(self._held(writes[i].lease, future.result()))
+                except Exception as exc:
+                    outcomes[i] = exc
+        return outcomes
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
         sent = time.time()

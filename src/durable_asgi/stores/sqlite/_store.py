@@ -8,6 +8,7 @@ copy (`Known`) can answer, and waits are woken by this process's writes or by th
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -23,6 +24,7 @@ from .._base import (
     Notifier,
     StoreError,
     StreamInfo,
+    Write,
     effective,
     join,
 )
@@ -142,14 +144,8 @@ class SQLiteStore:
         return lease
 
     async def start(self, lease: Lease, status: int, headers: Headers) -> None:
-        await self._update_owned(
-            lease,
-            "status_code = :status, headers = :headers, version = version + 1, updated_at = :now",
-            "start",
-            status=status,
-            headers=dump_headers(headers),
-            now=time.time(),
-        )
+        if not await self._batched(_start_op(lease, status, headers)):
+            raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
 
     async def append(self, lease: Lease, data: bytes, *, chunks: int) -> None:
         owned = {"id": lease.stream_id, "token": lease.token}
@@ -164,15 +160,31 @@ class SQLiteStore:
             elif not await self._db.query(f"SELECT 1 FROM streams WHERE {OWNED}", owned):
                 raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
             return
-        view = memoryview(data)
-        pieces = [
-            {**owned, "chunks": 0 if start else chunks, "data": view[start : start + MAX_SEGMENT]}
-            for start in range(0, len(data), MAX_SEGMENT)
-        ]
-        if len(pieces) == 1:
-            pieces[0]["data"] = data
-        if not await self._batched(Op(lease.stream_id, APPEND, pieces, "append", data)):
+        if not await self._batched(_append_op(lease, data, chunks)):
             raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
+
+    async def write_many(self, writes: Sequence[Write]) -> list[BaseException | None]:
+        """`write_all` for SQLite: every write's statements in one batch (one transaction,
+        one thread hop), each write fenced by its own lease."""
+        await self._db.connections()
+        queued: list[tuple[int, asyncio.Future[bool]]] = []
+        for i, write in enumerate(writes):
+            if write.head is not None:
+                queued.append((i, self._batch.enqueue(_start_op(write.lease, *write.head))))
+            if write.data:
+                op = _append_op(write.lease, write.data, write.chunks)
+                queued.append((i, self._batch.enqueue(op)))
+        if queued:
+            with anyio.CancelScope(shield=True):  # as `_batched`: know whether they landed
+                await asyncio.wait([future for _, future in queued])
+        outcomes: list[BaseException | None] = [None] * len(writes)
+        for i, future in queued:
+            if outcomes[i] is None:
+                error = future.exception()
+                if error is None and not future.result():
+                    error = LeaseLost(f"lease on {writes[i].lease.stream_id!r} was lost")
+                outcomes[i] = error
+        return outcomes
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
         # Not a visible change: no version bump, no wake-up.
@@ -325,3 +337,37 @@ class SQLiteStore:
             self._known.forget(stream_id)
             self._notifier.notify(stream_id)
         return len(expired)
+
+
+def _start_op(lease: Lease, status: int, headers: Headers) -> Op:
+    """The fenced statement that records a response head."""
+    return Op(
+        lease.stream_id,
+        update_owned(
+            "status_code = :status, headers = :headers, version = version + 1, updated_at = :now"
+        ),
+        [
+            {
+                "id": lease.stream_id,
+                "token": lease.token,
+                "status": status,
+                "headers": dump_headers(headers),
+                "now": time.time(),
+            }
+        ],
+        "start",
+    )
+
+
+def _append_op(lease: Lease, data: bytes, chunks: int) -> Op:
+    """The fenced statements that append `data` (in segments of at most MAX_SEGMENT bytes,
+    all or none of them landing)."""
+    owned = {"id": lease.stream_id, "token": lease.token}
+    view = memoryview(data)
+    pieces = [
+        {**owned, "chunks": 0 if start else chunks, "data": view[start : start + MAX_SEGMENT]}
+        for start in range(0, len(data), MAX_SEGMENT)
+    ]
+    if len(pieces) == 1:
+        pieces[0]["data"] = data
+    return Op(lease.stream_id, APPEND, pieces, "append", data)
