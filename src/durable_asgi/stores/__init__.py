@@ -21,7 +21,9 @@ from ._base import (
     StoreError,
     StoreFull,
     StreamInfo,
+    Write,
     stream_id,
+    write_all,
 )
 from .memory import MemoryStore
 
@@ -42,9 +44,11 @@ __all__ = [
     "StoreError",
     "StoreFull",
     "StreamInfo",
+    "Write",
     "default_store",
     "store_from_url",
     "stream_id",
+    "write_all",
 ]
 
 #: The environment variable naming the default store's URL.

@@ -97,11 +97,7 @@ class MemoryStore:
     def _owned(self, lease: Lease) -> _Stream:
         stream = self._streams.get(lease.stream_id)
         # A lease that ran out is lost for good: readers were already told the stream failed.
-        if (
-            stream is None
-            or stream.info.generation != lease.token
-            or effective(stream.info).state != "running"
-        ):
+        if stream is None or not _holds(stream.info, lease, time.time()):
             raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
         return stream
 
@@ -163,21 +159,36 @@ class MemoryStore:
         return Lease(stream_id, token)
 
     async def start(self, lease: Lease, status: int, headers: Headers) -> None:
-        self._update(self._owned(lease), status_code=status, headers=tuple(headers))
+        self._write(lease, (status, headers), b"", 0)
 
     async def append(self, lease: Lease, data: bytes, *, chunks: int) -> None:
-        stream = self._owned(lease)
-        if not data and not chunks:
-            return
-        if not self._make_room(0, len(data)):
+        self._write(lease, None, data, chunks)
+
+    def _write(
+        self, lease: Lease, head: tuple[int, Headers] | None, data: bytes, chunks: int
+    ) -> None:
+        """A head or body bytes, fenced by `lease` (one code path for both: the per-chunk one)."""
+        stream = self._streams.get(lease.stream_id)
+        now = time.time()
+        # A lease that ran out is lost for good: readers were already told it failed.
+        if stream is None or not _holds(stream.info, lease, now):
+            raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
+        if data and not self._make_room(0, len(data)):
             raise StoreFull(f"MemoryStore holds {self._bytes} bytes (max_bytes={self.max_bytes})")
+        info = stream.info
+        changes: dict[str, Any] = {}
+        if head is not None:
+            changes["status_code"], changes["headers"] = head[0], tuple(head[1])
         if data:
+            changes["offset"] = offset = info.offset + len(data)
             stream.parts.append(data)
-            stream.ends.append(stream.info.offset + len(data))
+            stream.ends.append(offset)
             self._bytes += len(data)
-        self._update(
-            stream, offset=stream.info.offset + len(data), chunks=stream.info.chunks + chunks
-        )
+        if chunks:
+            changes["chunks"] = info.chunks + chunks
+        if changes:
+            stream.info = evolve(info, version=info.version + 1, updated_at=now, **changes)
+            self._notifier.notify(lease.stream_id)
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
         stream = self._owned(lease)
@@ -269,3 +280,13 @@ class MemoryStore:
             expires = stream.info.expires_at
             if expires is None or expires > now:
                 yield effective(stream.info, now)
+
+
+def _holds(info: StreamInfo, lease: Lease, now: float) -> bool:
+    """Whether `lease` is still the running stream's (`effective`, without a copy)."""
+    expires = info.lease_expires_at
+    return (
+        info.generation == lease.token
+        and info.state == "running"
+        and (expires is None or now <= expires)
+    )
