@@ -16,10 +16,10 @@ import pytest
 
 from durable_asgi import DurableMiddleware, Lease, MemoryStore
 from durable_asgi._tasks import DONE, finish, step
-from durable_asgi._types import Message, Receive, Scope
+from durable_asgi._types import Message, Receive
 
 from ..support.apps import CHUNKS, StreamApp, wait_thread_event
-from ..support.asgi import call
+from ..support.asgi import call, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -47,7 +47,7 @@ async def test_a_client_that_falls_behind_is_fed_from_the_store_byte_for_byte() 
             complete = not message.get("more_body", False)
 
     async def client() -> None:
-        await mw(_scope(), _receive_forever(), send)
+        await mw(http_scope("/s", headers=KEY), _receive_forever(), send)
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(client)
@@ -183,24 +183,6 @@ async def test_step_takes_awaitables_that_are_plain_iterators() -> None:
 
     _, yielded = step(Ready())
     assert yielded is DONE
-
-
-def _scope() -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/s",
-        "raw_path": b"/s",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"durable-key", b"k")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "extensions": {},
-    }
 
 
 def _receive_forever() -> Receive:

@@ -13,7 +13,7 @@ from durable_asgi import DurableMiddleware, Lease, MemoryStore, StoreError, keys
 from durable_asgi._types import Receive, Scope, Send
 
 from ..support.apps import CHUNKS, StreamApp, wait_thread_event
-from ..support.asgi import call
+from ..support.asgi import call, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -888,21 +888,7 @@ async def test_a_first_client_that_stops_reading_does_not_hold_the_stream_open()
         if message["type"] == "http.response.body":
             await anyio.sleep_forever()  # the client stopped reading after the head
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/s",
-        "raw_path": b"/s",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"testserver"), (b"durable-key", b"k1")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "extensions": {},
-    }
+    scope = http_scope("/s", headers={"Durable-Key": "k1"})
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(mw, scope, receive, send)

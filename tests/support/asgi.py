@@ -31,6 +31,34 @@ class Result:
         return json.loads(self.body)
 
 
+def http_scope(
+    path: str = "/",
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    query: str = "",
+    **extra: Any,
+) -> dict[str, Any]:
+    """The scope of an HTTP/1.1 request from a client on loopback, as servers send it."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": [(b"host", b"testserver")]
+        + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "extensions": {},
+        **extra,
+    }
+
+
 async def call(
     app: ASGIApp,
     path: str = "/",
@@ -48,23 +76,7 @@ async def call(
     result = Result()
     gone = disconnected or anyio.Event()
     request_sent = False
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": query.encode(),
-        "headers": [(b"host", b"testserver")]
-        + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "extensions": {},
-        **(scope_extra or {}),
-    }
+    scope = {**http_scope(path, method=method, headers=headers, query=query), **(scope_extra or {})}
 
     async def receive() -> Message:
         nonlocal request_sent
