@@ -10,10 +10,9 @@ shutdown, a response too large, a lost lease).
 
 A producer's life is a few phases, in order (`Phase`), and at most one reason it was stopped
 early (`Stop`); `FINAL_STATE` maps that reason to the state the stream ends in. Writes go
-through a `WriteBehind` buffer with group commit: `send` appends to memory and returns; a writer
-task stores everything pending in one `append`. Under load that batches many chunks per store
-write; idle, it adds no delay. The buffer is bounded (the handler waits when the store falls
-behind), so a slow store slows the handler, never memory.
+through a `WriteBehind` buffer: `send` appends to memory and returns; the engine's `Flusher`
+stores every producer's pending bytes in one batched write per window (on trio, a writer task
+per producer does). The first client is fed inline by `send` meanwhile (`LiveClient`).
 """
 
 from __future__ import annotations
@@ -40,18 +39,17 @@ from ._reader import (
 from ._request import replay_body
 from ._tasks import Beside, Flag, asyncio_loop
 from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._write_behind import WriteBehind
 from .exceptions import LeaseLost, StoreError
-from .stores._base import FinalState, Headers, Lease, Write, join, write_all
+from .stores._base import FinalState, Headers, Lease, Write, write_all
 
 if TYPE_CHECKING:
     from ._engine import Engine
 
-__all__ = ["FINAL_STATE", "HIGH_WATER", "Phase", "Producer", "Stop", "WriteBehind"]
+__all__ = ["FINAL_STATE", "Phase", "Producer", "Stop"]
 
 logger = logging.getLogger("durable_asgi")
 
-#: Pending (unstored) bytes at which the handler's `send` waits for the store.
-HIGH_WATER = 64 * 1024
 #: ASGI extensions hidden from the app, so it sends plain body messages.
 _HIDDEN_EXTENSIONS = (
     "http.response.pathsend",
@@ -105,70 +103,6 @@ FINAL_STATE: dict[Stop | None, FinalState] = {
 
 #: Stops that mean this producer may no longer write: they win over any earlier reason.
 _REVOKED = frozenset({Stop.LEASE_LOST, Stop.DELETED})
-
-
-class WriteBehind:
-    """What the handler sent that the store doesn't have yet: the head, then body bytes.
-
-    `put` never waits; `over_high_water` tells the handler's `send` to wait for `drained`.
-    After `close` (the writer ended) further data is dropped.
-    """
-
-    __slots__ = ("_drained", "_wake", "chunks", "closed", "head", "parts", "size", "total")
-
-    def __init__(self) -> None:
-        self.head: tuple[int, Headers] | None = None
-        self.parts: list[bytes] = []
-        self.chunks = 0
-        self.size = 0
-        self.total = 0
-        """Body bytes put so far, stored or not."""
-        self.closed = False
-        self._wake = anyio.Event()
-        self._drained: anyio.Event | None = None  # made when `send` waits for the writer
-
-    def put(self, data: bytes) -> None:
-        self.parts.append(data)
-        self.chunks += 1
-        self.size += len(data)
-        self.total += len(data)
-
-    def take(self) -> tuple[tuple[int, Headers] | None, bytes, int]:
-        """Everything pending: (the head if not yet taken, body bytes, body messages)."""
-        head, data, chunks = self.head, join(self.parts) if self.parts else b"", self.chunks
-        self.head, self.parts, self.chunks, self.size = None, [], 0, 0
-        return head, data, chunks
-
-    @property
-    def pending(self) -> bool:
-        return self.head is not None or bool(self.parts)
-
-    @property
-    def over_high_water(self) -> bool:
-        return self.size > HIGH_WATER
-
-    def wake(self) -> None:
-        """Tell the writer there is something to do."""
-        self._wake.set()
-
-    async def wait_for_work(self) -> None:
-        await self._wake.wait()
-        self._wake = anyio.Event()
-
-    async def wait_drained(self) -> None:
-        if self._drained is None:
-            self._drained = anyio.Event()
-        await self._drained.wait()
-
-    def release(self) -> None:
-        """Wake a `send` waiting for the writer to catch up."""
-        if self._drained is not None:
-            self._drained.set()
-            self._drained = None
-
-    def close(self) -> None:
-        self.closed = True
-        self.release()
 
 
 class Producer:

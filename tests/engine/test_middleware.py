@@ -715,7 +715,7 @@ async def test_resuming_a_failed_stream_serves_its_bytes_then_fails() -> None:
 async def test_a_store_that_falls_behind_slows_the_handler_not_memory() -> None:
     """Backpressure: once more than the buffer's bound is pending, the handler's `send` waits
     for the writer; when the store catches up, everything lands byte-for-byte."""
-    from durable_asgi._producer import HIGH_WATER
+    from durable_asgi._write_behind import HIGH_WATER
 
     class SlowStore(MemoryStore):
         def __init__(self) -> None:
