@@ -24,7 +24,17 @@ class WriteBehind:
     After `close` (the writer ended) further data is dropped.
     """
 
-    __slots__ = ("_drained", "_wake", "chunks", "closed", "head", "parts", "size", "total")
+    __slots__ = (
+        "_drained",
+        "_wake",
+        "_woken",
+        "chunks",
+        "closed",
+        "head",
+        "parts",
+        "size",
+        "total",
+    )
 
     def __init__(self) -> None:
         self.head: tuple[int, Headers] | None = None
@@ -34,7 +44,9 @@ class WriteBehind:
         self.total = 0
         """Body bytes put so far, stored or not."""
         self.closed = False
-        self._wake = anyio.Event()
+        # The writer's wake-up (trio only: on asyncio the flusher stores): made when it waits.
+        self._woken = False
+        self._wake: anyio.Event | None = None
         self._drained: anyio.Event | None = None  # made when `send` waits for the writer
 
     def put(self, data: bytes) -> None:
@@ -59,11 +71,16 @@ class WriteBehind:
 
     def wake(self) -> None:
         """Tell the writer there is something to do."""
-        self._wake.set()
+        self._woken = True
+        if self._wake is not None:
+            self._wake.set()
 
     async def wait_for_work(self) -> None:
-        await self._wake.wait()
-        self._wake = anyio.Event()
+        if not self._woken:
+            self._wake = anyio.Event()
+            await self._wake.wait()
+            self._wake = None
+        self._woken = False
 
     async def wait_drained(self) -> None:
         if self._drained is None:
