@@ -8,8 +8,10 @@ carries the time it was produced). Half-way through, a *resumer* joins each dura
 the same key — it gets the stored bytes, then follows live (the bare app can't: no resumers).
 The client is a separate asyncio process with raw sockets. Printed per variant: server CPU (%
 of one core, over the run), peak RSS, chunk latency p50/p99 (producer's clock to the client's
-read, same machine) for the first readers and the resumers' live chunks, resume TTFB, and the
-share of chunks delivered.
+read, same machine) for the first readers and the resumers' live chunks, resume TTFB, the share
+of chunks delivered to first readers and to resumers (each resumer is owed every chunk), and how
+many responses were *cut short* (ended without the chunked body's terminator: a stream that
+ended failed, or a server that gave up on it).
 
 Redis: ``--redis URL``, else a private ``redis-server`` on a free port (skipped without one).
 """
@@ -161,6 +163,8 @@ class Stats:
     chunks: int = 0
     resumer_chunks: int = 0
     errors: int = 0
+    truncated: int = 0  # responses that ended without the chunked body's clean end
+    resumer_truncated: int = 0
 
 
 async def read_stream(
@@ -196,7 +200,12 @@ async def read_stream(
                     stats.chunks += 1
                     stats.latencies.append(now - produced)
                 first = False
-            tail = data[-40:]
+            tail = (tail + data)[-40:]
+        if not tail.endswith(b"\r\n0\r\n\r\n"):
+            if resumer:
+                stats.resumer_truncated += 1
+            else:
+                stats.truncated += 1
     except (OSError, asyncio.TimeoutError):
         stats.errors += 1
     finally:
@@ -238,6 +247,8 @@ async def run_client(args: argparse.Namespace) -> dict[str, Any]:
         "chunks": stats.chunks,
         "resumer_chunks": stats.resumer_chunks,
         "errors": stats.errors,
+        "truncated": stats.truncated,
+        "resumer_truncated": stats.resumer_truncated,
         "latency": percentiles(stats.latencies),
         "resumer_latency": percentiles(stats.resumer_latencies),
         "ttfb": percentiles(stats.ttfb),
@@ -302,18 +313,20 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"{args.duration / 2:g} s\n\n"
         "| variant | server CPU (% of a core) | peak RSS (MiB) | chunk latency p50 / p99 (ms) "
         "| resumer live latency p50 / p99 (ms) | resume TTFB p50 / p99 (ms) "
-        "| delivered | errors |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| delivered (first / resumers) | cut short | errors |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
         delivered = r["chunks"] / r["expected"] if r["expected"] else 0
+        resumed = "-" if r["variant"] == "bare" else f"{r['resumer_chunks'] / r['expected']:.1%}"
         lines.append(
             f"| {r['variant']} | {r['cpu']:.0f} | {r['rss']:.0f} "
             f"| {fmt(r['latency'], 'p50')} / {fmt(r['latency'], 'p99')} "
             f"| {fmt(r['resumer_latency'], 'p50')} / {fmt(r['resumer_latency'], 'p99')} "
             f"| {fmt(r['ttfb'], 'p50')} / {fmt(r['ttfb'], 'p99')} "
-            f"| {delivered:.1%} | {r['errors']} |"
+            f"| {delivered:.1%} / {resumed} | {r['truncated'] + r['resumer_truncated']} "
+            f"| {r['errors']} |"
         )
     return "\n".join(lines)
 

@@ -8,6 +8,8 @@ which are about wall-clock time, sleep past a short deadline.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import random
 import re
 import subprocess
@@ -832,6 +834,66 @@ async def test_sqlite_claim_trusts_an_old_copy_while_no_other_process_commits(
     finally:
         await store.close()
         await other.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sqlite_claims_share_the_batch_transaction_with_every_streams_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of claims (and the writes queued with them) commits in a few transactions, not
+    one per claim — so a worker taking many requests at once doesn't queue its renewals
+    behind a transaction per request — and claims of one stream in one batch still elect one
+    producer."""
+    from durable_asgi.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "durable.db")
+    try:
+        busy = await claim(store, "/busy#1")
+        transactions = record_calls(monkeypatch, store._db, "transaction")
+        sids = [f"/burst#{i}" for i in range(100)] + ["/same#1"] * 10
+        results = await asyncio.gather(
+            store.append(busy, b"x", chunks=1),
+            store.renew(busy, lease_seconds=LONG),
+            *(store.claim(sid, lease_seconds=LONG) for sid in sids),
+        )
+        claims = results[2:]
+        assert all(isinstance(r, Lease) for r in claims[:100])
+        same = claims[100:]
+        assert sum(isinstance(r, Lease) for r in same) == 1
+        winner = next(r for r in same if isinstance(r, Lease))
+        assert all(r.generation == winner.token for r in same if isinstance(r, StreamInfo))
+        assert len(transactions) <= 3, len(transactions)
+        for sid in sids[:100]:
+            assert (await info_of(store, sid)).state == "running"
+        assert (await store.read("/busy#1", 0, 10))[1] == b"x"
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sqlite_lease_runs_from_the_commit_not_from_the_request(tmp_path: Path) -> None:
+    """A claim or renewal queued behind a slow writer gets its full lease from when it
+    commits: a busy worker doesn't lose a stream it is renewing on time."""
+    from durable_asgi.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "durable.db")
+    try:
+        lease = await claim(store, "/slow#1")
+        writer = store._db._write_lock
+        await writer.acquire()  # the writer is busy for a while
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(store.renew, lease, lease_seconds=1.0))
+            tg.start_soon(functools.partial(store.claim, "/late#1", lease_seconds=1.0))
+            await anyio.sleep(0.5)
+            released = time.time()
+            writer.release()
+        for sid in ("/slow#1", "/late#1"):
+            rows = await store._db.query(
+                "SELECT lease_expires_at FROM streams WHERE id = :id", {"id": sid}
+            )
+            assert rows[0]["lease_expires_at"] >= released + 1.0 - 0.01
+    finally:
+        await store.close()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

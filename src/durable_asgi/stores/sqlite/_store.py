@@ -45,7 +45,7 @@ from ._schema import (
     to_info,
     update_owned,
 )
-from ._writes import Op
+from ._writes import Claimed, Op
 
 __all__ = ["SQLiteStore"]
 
@@ -98,7 +98,9 @@ class SQLiteStore:
         self.purge_interval = purge_interval
         self._next_purge = 0.0
         self._db = Database(self.path, busy_timeout=busy_timeout)
-        self._batch = GroupCommit(self._commit, max_batch=MAX_BATCH)
+        self._batch: GroupCommit[Op, bool | Claimed] = GroupCommit(
+            self._commit, max_batch=MAX_BATCH
+        )
         self._notifier = Notifier()
         self._known = Known(poll_interval)
         self._poller = Poller(self._db, self._known, self._notifier, poll_interval)
@@ -133,11 +135,14 @@ class SQLiteStore:
         if time.time() >= self._next_purge:
             self._next_purge = time.time() + self.purge_interval
             await self.purge_expired()
-        result = await self._db.write(
-            lambda db: _writes.claim(db, stream_id, lease_seconds, replace)
-        )
+        # In the batch with every stream's writes: one transaction for many claims, not one
+        # each, and the renewals queued behind them don't wait for a transaction per claim.
+        op = Op(stream_id, "", [], "claim", claim_args=(lease_seconds, replace))
+        await self._db.connections()
+        result = await self._batch.submit(op, shield=True)
         if isinstance(result, StreamInfo):
             return result
+        assert not isinstance(result, bool)
         lease, row = result
         self._known.claimed(lease, row)
         self._notifier.notify(stream_id)
@@ -167,7 +172,7 @@ class SQLiteStore:
         """`write_all` for SQLite: every write's statements in one batch (one transaction,
         one thread hop), each write fenced by its own lease."""
         await self._db.connections()
-        queued: list[tuple[int, asyncio.Future[bool]]] = []
+        queued: list[tuple[int, asyncio.Future[bool | Claimed]]] = []
         for i, write in enumerate(writes):
             if write.head is not None:
                 queued.append((i, self._batch.enqueue(_start_op(write.lease, *write.head))))
@@ -181,15 +186,19 @@ class SQLiteStore:
         for i, future in queued:
             if outcomes[i] is None:
                 error = future.exception()
-                if error is None and not future.result():
+                if error is None and future.result() is not True:
                     error = LeaseLost(f"lease on {writes[i].lease.stream_id!r} was lost")
                 outcomes[i] = error
         return outcomes
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
-        # Not a visible change: no version bump, no wake-up.
+        # Not a visible change: no version bump, no wake-up. The lease runs from the commit
+        # (SQLite's clock, in seconds since the epoch), not from when the renewal was queued.
         await self._update_owned(
-            lease, "lease_expires_at = :until", "renew", until=time.time() + lease_seconds
+            lease,
+            "lease_expires_at = (julianday('now') - 2440587.5) * 86400.0 + :seconds",
+            "renew",
+            seconds=lease_seconds,
         )
 
     async def finish(self, lease: Lease, state: FinalState, *, ttl: float, retain: bool) -> None:
@@ -227,15 +236,16 @@ class SQLiteStore:
         """Queue `op` for the batch writer and wait (shielded) until it is committed: True if
         it applied (its fence held). Writes of one stream commit in the order they were queued."""
         await self._db.connections()
-        return await self._batch.submit(op, shield=True)
+        return await self._batch.submit(op, shield=True) is True
 
-    async def _commit(self, ops: Sequence[Op]) -> list[bool]:
+    async def _commit(self, ops: Sequence[Op]) -> list[bool | Claimed]:
         """The batch writer: `ops`, from every stream, in one transaction (one thread hop);
-        then what this process knows is refreshed and the readers are woken."""
+        then what this process knows is refreshed and the readers are woken. Answers per op
+        whether it applied, or for a claim what it claimed."""
         batch = await self._db.transaction(lambda db: _writes.apply_batch(db, list(ops)))
         for stream_id in self._known.committed(ops, batch):
             self._notifier.notify(stream_id)
-        return batch.applied
+        return [batch.claims.get(i, ok) for i, ok in enumerate(batch.applied)]
 
     # -- reads -------------------------------------------------------------------------------
 

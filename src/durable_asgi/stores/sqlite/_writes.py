@@ -1,8 +1,10 @@
 """What runs in the writer's thread, inside one transaction (see `Database.transaction`).
 
-Producer writes (start, append, renew, finish) and `attach` are `Op`s: one fenced statement
-each, many of them — from every stream — committed together by `apply_batch`. Claims, aborts,
-deletes and purges are a transaction of their own each: `claim`, `abort`, `delete`, `purge`.
+Claims, producer writes (start, append, renew, finish) and `attach` are `Op`s — a fenced
+statement each, or for a claim the `claim` function —, many of them, from every stream,
+committed together by `apply_batch`: a worker that takes a thousand requests a second pays one
+thread hop and one transaction per batch, not per request. Aborts, deletes and purges are a
+transaction of their own each: `abort`, `delete`, `purge`.
 """
 
 from __future__ import annotations
@@ -22,20 +24,28 @@ IDS_PER_QUERY = 500
 @dataclass(frozen=True)
 class Op:
     """One fenced write waiting for the batch writer: `sql` run with each of `params` (several
-    for an append split into segments: all or none of them land)."""
+    for an append split into segments: all or none of them land) — or, for a ``claim``, the
+    `claim` function with `claim_args` (lease seconds, replace)."""
 
     stream_id: str
     sql: str
     params: list[dict[str, Any]]
-    kind: str  # "append", "start", "renew", "finish", "update", "attach"
+    kind: str  # "claim", "append", "start", "renew", "finish", "update", "attach"
     data: bytes = b""
+    claim_args: tuple[float, bool] = (0.0, False)
+
+
+#: What a claim answers: the new lease and its stream's row, or the stream that isn't claimable.
+Claimed = tuple[Lease, sqlite3.Row] | StreamInfo
 
 
 class Batch(NamedTuple):
     """What a committed batch of `Op`s tells the store."""
 
     applied: list[bool]
-    """Per op: whether it applied (its fence held)."""
+    """Per op: whether it applied (its fence held; a claim always applies)."""
+    claims: dict[int, Claimed]
+    """What each claim answered, by its index in the batch."""
     rows: list[sqlite3.Row]
     """The ``streams`` rows the ops touched, as committed."""
     data_version: int
@@ -51,8 +61,12 @@ def apply_batch(conn: sqlite3.Connection, ops: list[Op]) -> Batch:
     ((data_version,),) = conn.execute("PRAGMA data_version").fetchall()
     checked = time.monotonic()
     applied = []
-    for op in ops:
-        if len(op.params) == 1:
+    claims: dict[int, Claimed] = {}
+    for i, op in enumerate(ops):
+        if op.kind == "claim":
+            claims[i] = claim(conn, op.stream_id, *op.claim_args)
+            applied.append(True)
+        elif len(op.params) == 1:
             applied.append(conn.execute(op.sql, op.params[0]).rowcount == 1)
         else:
             conn.execute("SAVEPOINT op")
@@ -69,13 +83,12 @@ def apply_batch(conn: sqlite3.Connection, ops: list[Op]) -> Batch:
             f"SELECT {COLUMNS} FROM streams WHERE id IN ({','.join('?' * len(chunk))})",
             chunk,
         ).fetchall()
-    return Batch(applied, rows, data_version, checked)
+    return Batch(applied, claims, rows, data_version, checked)
 
 
-def claim(
-    db: sqlite3.Connection, stream_id: str, lease_seconds: float, replace: bool
-) -> tuple[Lease, sqlite3.Row] | StreamInfo:
-    """A fresh running stream and its row if the stream is claimable, else the stream."""
+def claim(db: sqlite3.Connection, stream_id: str, lease_seconds: float, replace: bool) -> Claimed:
+    """A fresh running stream and its row if the stream is claimable, else the stream. The
+    lease runs from now, when the claim commits, not from when it was asked for."""
     now = time.time()
     rows = db.execute(SELECT_STREAM, {"id": stream_id}).fetchall()
     old = to_info(rows[0]) if rows else None
