@@ -18,16 +18,22 @@ from .stores._base import Store, write_all
 
 __all__ = ["FLUSH_WINDOW", "Engine", "Flusher"]
 
-FLUSH_WINDOW = 0.005
-"""Seconds between two flushes of a busy engine: the most a byte waits to be written behind
-the first client, and what lets one store write carry every stream's chunks."""
+FLUSH_WINDOW = 0.05
+"""Seconds between two flushes of a busy engine (the default of `DurableMiddleware`'s
+``flush_window``): the most a byte waits to be written behind the first client, and what lets
+one store write carry several chunks of every stream. A token stream (an event every 10-50 ms)
+puts one event in a 5 ms window and several in a 50 ms one: at 300 token-paced streams on one
+worker, memory's CPU per event fell from 1.59 to 1.28 times the bare app's (`bench/run.py`)."""
 
 
 class Engine:
     """The store, opened once, and the producers running in this process."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, flush_window: float = FLUSH_WINDOW) -> None:
+        if not 0 <= flush_window <= 1:
+            raise ValueError(f"flush_window must be between 0 and 1 second, not {flush_window!r}")
         self.store = store
+        self.flush_window = flush_window
         self.producers: dict[str, Producer] = {}
         self._opened = False
         # Made on first use: a lock or task made here would belong to whichever event loop
@@ -39,7 +45,7 @@ class Engine:
         """The flusher of the running (asyncio) event loop."""
         loop = asyncio.get_running_loop()
         if self._flusher is None or self._flusher.loop is not loop:
-            self._flusher = Flusher(self.store, loop)
+            self._flusher = Flusher(self.store, loop, self.flush_window)
         return self._flusher
 
     async def ensure_open(self) -> None:

@@ -17,7 +17,7 @@ import anyio
 from asgiref.compatibility import guarantee_single_callable
 
 from . import _routes, keys
-from ._engine import Engine
+from ._engine import FLUSH_WINDOW, Engine
 from ._options import OptionFields, StreamOptions
 from ._producer import Producer
 from ._protocol import Control, parse_control, parse_offset, send_json
@@ -73,6 +73,11 @@ class DurableMiddleware:
         client_path: where the middleware serves the browser client
             (``<client_path>durable-fetch.js`` and its ``.d.ts``), so
             ``<script type="module">`` works with no build step. None turns it off.
+        flush_window: while busy, the worker stores every stream's pending chunks at most
+            this often (seconds; idle, a chunk is stored at once). Longer: fewer, bigger store
+            writes (less CPU per chunk); shorter: joiners, resumers and other workers see live
+            chunks sooner. The first client is fed inline either way (`docs/protocol.md`).
+            asyncio only (on trio each stream stores as it goes).
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class DurableMiddleware:
         routes: Literal["all", "decorated"] = "all",
         shutdown_grace: float = 10.0,
         client_path: str | None = "/_durable/",
+        flush_window: float = FLUSH_WINDOW,
         **overrides: Unpack[OptionFields],
     ) -> None:
         if routes not in ("all", "decorated"):
@@ -98,7 +104,7 @@ class DurableMiddleware:
         self.routes = routes
         self.shutdown_grace = shutdown_grace
         self.client_path = client_path
-        self.engine = Engine(self.store)
+        self.engine = Engine(self.store, flush_window=flush_window)
         self._methods = frozenset(m.upper() for m in methods) - {"HEAD", "OPTIONS"}
         self._routes = RouteResolver(self.app)
 

@@ -145,6 +145,27 @@ async def test_the_flusher_batches_every_streams_chunks_into_fewer_writes() -> N
     assert store.appends < 20 * len(CHUNKS) / 2
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_flush_window_sets_how_many_chunks_one_store_write_carries() -> None:
+    """One stream whose handler awaits 1 ms between chunks: with ``flush_window=0`` each chunk
+    is stored as it comes (the flusher never waits), with a window longer than the stream
+    all but the first go in one write; the body is whole either way."""
+    for window, most in ((0.0, None), (1.0, 2)):
+        store = CountingStore()
+        mw = DurableMiddleware(StreamApp(delay=0.001), store=store, flush_window=window)
+        result = await call(mw, "/s", headers=KEY)
+        assert (result.body, result.complete) == (BODY, True)
+        if most is None:
+            assert store.appends >= len(CHUNKS) / 2, store.appends
+        else:
+            assert store.appends <= most, store.appends
+
+
+def test_flush_window_is_validated() -> None:
+    with pytest.raises(ValueError, match="flush_window"):
+        DurableMiddleware(StreamApp(), flush_window=-1)
+
+
 # -- stepping a server's send in place --------------------------------------------------------
 
 
