@@ -10,13 +10,16 @@ it, `_tasks` has the concurrency helpers both use.
 from __future__ import annotations
 
 import asyncio
+import functools
+import heapq
+import itertools
 
 import anyio
 
 from ._producer import Producer, Stop
 from .stores._base import Store, write_all
 
-__all__ = ["FLUSH_WINDOW", "Engine", "Flusher"]
+__all__ = ["FLUSH_WINDOW", "Engine", "Flusher", "Renewer"]
 
 FLUSH_WINDOW = 0.05
 """Seconds between two flushes of a busy engine (the default of `DurableMiddleware`'s
@@ -40,6 +43,7 @@ class Engine:
         # happened to be running when the middleware was built.
         self._open_lock: anyio.Lock | None = None
         self._flusher: Flusher | None = None
+        self._renewer: Renewer | None = None
 
     def flusher(self) -> Flusher:
         """The flusher of the running (asyncio) event loop."""
@@ -47,6 +51,13 @@ class Engine:
         if self._flusher is None or self._flusher.loop is not loop:
             self._flusher = Flusher(self.store, loop, self.flush_window)
         return self._flusher
+
+    def renewer(self) -> Renewer:
+        """The lease renewer of the running (asyncio) event loop."""
+        loop = asyncio.get_running_loop()
+        if self._renewer is None or self._renewer.loop is not loop:
+            self._renewer = Renewer(loop)
+        return self._renewer
 
     async def ensure_open(self) -> None:
         if not self._opened:
@@ -144,3 +155,68 @@ class Flusher:
                     producer.written(outcome)
         finally:
             self._task = None
+
+
+class Renewer:
+    """Renews the leases of an engine's running producers, each every third of its lease: one
+    timer for all of them, and the renewals due together run at once (one batch in a store
+    that groups its commits). A producer renewing its own lease would wake — and cancel the
+    wait it was in — every third of a lease; at a thousand streams that cost more than their
+    renewals. A renewal still running when the next is due is not doubled. asyncio only
+    (trio: each producer's keeper renews).
+    """
+
+    __slots__ = ("_due", "_heap", "_order", "_renewing", "_timer", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._due: dict[Producer, float] = {}  # when each producer's next renewal is due
+        self._heap: list[tuple[float, int, Producer]] = []  # the same, soonest first (lazily)
+        self._order = itertools.count()  # breaks ties: producers don't compare
+        self._timer: asyncio.TimerHandle | None = None
+        self._renewing: dict[Producer, asyncio.Task[None]] = {}
+
+    def add(self, producer: Producer) -> None:
+        """Renew `producer`'s lease from now on, until `remove`."""
+        self._schedule(producer)
+        self._arm()
+
+    def remove(self, producer: Producer) -> None:
+        """No more renewals for `producer` (its heap entry is dropped when it comes up)."""
+        self._due.pop(producer, None)
+
+    def _schedule(self, producer: Producer) -> None:
+        due = self.loop.time() + producer.options.lease_seconds / 3
+        self._due[producer] = due
+        heapq.heappush(self._heap, (due, next(self._order), producer))
+
+    def _arm(self) -> None:
+        """Set the timer for the soonest renewal."""
+        heap = self._heap
+        while heap and self._due.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)  # removed since
+        if not heap:
+            return
+        when = heap[0][0]
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now, heap = self.loop.time(), self._heap
+        while heap and heap[0][0] <= now:
+            at, _, producer = heapq.heappop(heap)
+            if self._due.get(producer) != at:
+                continue  # removed since
+            self._schedule(producer)
+            if producer not in self._renewing:
+                task = self.loop.create_task(producer.renew())
+                self._renewing[producer] = task
+                task.add_done_callback(functools.partial(self._renewed, producer))
+        self._arm()
+
+    def _renewed(self, producer: Producer, task: asyncio.Task[None]) -> None:
+        self._renewing.pop(producer, None)

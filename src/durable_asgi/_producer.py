@@ -138,7 +138,11 @@ class Producer:
         self.stored: FinalState | None = None
         """The state the store recorded the stream's end in, once it did."""
         self.buffer = WriteBehind()
-        self._flusher = engine.flusher() if asyncio_loop() is not None else None
+        on_asyncio = asyncio_loop() is not None
+        # asyncio: the engine's flusher stores and its renewer renews; trio: the producer's
+        # own writer and keeper do.
+        self._flusher = engine.flusher() if on_asyncio else None
+        self._renewer = engine.renewer() if on_asyncio else None
         self._in_flight = False  # the flusher holds a write of ours
         self._store_failed = False
         # A flag per phase something waits for: the head (or its absence), the response
@@ -146,6 +150,7 @@ class Producer:
         self._flags = {Phase.STREAMING: Flag(), Phase.SENT: Flag(), Phase.DONE: Flag()}
         self._handler = anyio.CancelScope()  # `stop` cancels it
         self._keeping = anyio.CancelScope()  # the keeper runs in it until the writer is done
+        self._renewing = False  # in the renewer (asyncio)
         self._client = anyio.CancelScope()  # the first client's reader; the keeper cancels it
 
     # -- state -----------------------------------------------------------------------------
@@ -212,7 +217,11 @@ class Producer:
                 async with Beside() as beside:
                     if self._flusher is None:
                         beside.start_soon(self._write_loop)
-                    beside.start_soon(self._keep, receive)
+                    if self._renewer is not None:
+                        self._renewer.add(self)
+                        self._renewing = True
+                    if self._renewer is None or receive is not None:
+                        beside.start_soon(self._keep, receive)
                     try:
                         await self._run_app(app, scope, app_receive)
                     finally:
@@ -301,7 +310,7 @@ class Producer:
                 self.stop(Stop.STORE_ERROR, str(error))
                 self._store_failed = True
             self.buffer.close()  # from here on `_send` drops data, and nothing waits
-            self._keeping.cancel()
+            self._stop_keeping()
         self.buffer.release()
 
     async def _write_loop(self) -> None:
@@ -341,7 +350,7 @@ class Producer:
             self.written(exc)
         finally:
             buffer.close()
-            self._keeping.cancel()
+            self._stop_keeping()
             if self._store_failed:
                 with (
                     anyio.move_on_after(self.options.lease_seconds),
@@ -433,32 +442,52 @@ class Producer:
         if client.error is not None:
             raise client.error
 
+    def _stop_keeping(self) -> None:
+        """No more renewals, no more watching the first client (the stream is ending)."""
+        self._keeping.cancel()
+        if self._renewing and self._renewer is not None:
+            self._renewing = False
+            self._renewer.remove(self)
+
+    async def renew(self) -> None:
+        """Renew the lease once. Never raises: a lost lease stops the handler (and renewing),
+        a store error is logged and the next renewal tries again."""
+        try:
+            await self.engine.store.renew(self.lease, lease_seconds=self.options.lease_seconds)
+        except LeaseLost:
+            self.stop(Stop.LEASE_LOST)
+            if self._renewer is not None:
+                self._renewer.remove(self)
+        except StoreError as exc:
+            logger.warning("durable_asgi: renewing %r failed: %s", self.lease.stream_id, exc)
+        except Exception:
+            logger.exception("durable_asgi: renewing %r failed", self.lease.stream_id)
+
     async def _keep(self, receive: Receive | None) -> None:
-        """Renew the lease every third of it, and stop the first client's reader when that
-        client leaves (the handler goes on). One task for both. Never raises."""
+        """Stop the first client's reader when that client leaves (the handler goes on); on
+        trio, also renew the lease every third of it (one task for both). Never raises."""
         interval = self.options.lease_seconds / 3
-        store = self.engine.store
         with self._keeping:
+            if self._renewer is not None:  # asyncio: the engine's renewer renews
+                if receive is not None:
+                    await until_disconnect(receive)
+                    self._client_left()
+                return
             while True:
                 with anyio.move_on_after(interval):
                     if receive is not None:
                         await until_disconnect(receive)
                         receive = None
-                        self._client.cancel()
-                        if self.client is not None:
-                            self.client.leave()
+                        self._client_left()
                     await anyio.sleep_forever()
-                try:
-                    await store.renew(self.lease, lease_seconds=self.options.lease_seconds)
-                except LeaseLost:
-                    self.stop(Stop.LEASE_LOST)
+                await self.renew()
+                if self.stop_reason is Stop.LEASE_LOST:
                     return
-                except StoreError as exc:
-                    logger.warning(
-                        "durable_asgi: renewing %r failed: %s", self.lease.stream_id, exc
-                    )
-                except Exception:
-                    logger.exception("durable_asgi: renewing %r failed", self.lease.stream_id)
+
+    def _client_left(self) -> None:
+        self._client.cancel()
+        if self.client is not None:
+            self.client.leave()
 
 
 def _with_send_errors(asgi: dict[str, Any] | None) -> dict[str, Any]:

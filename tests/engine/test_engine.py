@@ -3,17 +3,23 @@ in-process wake-ups (asyncio and trio)."""
 
 from __future__ import annotations
 
+import collections
+import functools
 import sys
+from typing import Any
 
 import anyio
 import pytest
 
-from durable_asgi import MemoryStore, StreamOptions
+from durable_asgi import DurableMiddleware, MemoryStore, StreamOptions
 from durable_asgi._engine import Engine
 from durable_asgi._producer import FINAL_STATE, Phase, Producer, Stop
 from durable_asgi._tasks import Beside
 from durable_asgi.stores import Lease
 from durable_asgi.stores._base import Notifier
+
+from ..support.apps import CHUNKS, StreamApp, wait_thread_event
+from ..support.asgi import call
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -155,3 +161,60 @@ async def test_phases_only_move_forward_and_set_the_flags_they_pass() -> None:
     assert not producer._flags[Phase.DONE].is_set()
     producer._advance(Phase.DONE)
     assert producer.engine.producers == {}
+
+
+# -- lease renewal ---------------------------------------------------------------------------------
+
+
+class RenewCountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewals: list[str] = []
+
+    async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
+        self.renewals.append(lease.stream_id)
+        await super().renew(lease, lease_seconds=lease_seconds)
+
+
+async def test_a_stream_outlives_many_leases_while_its_producer_renews() -> None:
+    """Lease 0.2 s, ten streams of about 1 s each: every lease is renewed every third of it
+    (on asyncio by the engine's one renewer, on trio by each producer's keeper), so no stream
+    fails, a reader mid-way sees it running, and renewals stop with the streams."""
+    store = RenewCountingStore()
+    mw = DurableMiddleware(StreamApp(delay=0.02), store=store, lease_seconds=0.2)
+    results: dict[int, Any] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await call(mw, "/s", headers={"Durable-Key": f"k{i}"})
+
+    async with anyio.create_task_group() as tasks:
+        for i in range(10):
+            tasks.start_soon(one, i)
+        await anyio.sleep(0.5)  # past two leases
+        infos = [await store.info(f"/s#k{i}") for i in range(10)]
+        assert [info.state if info else None for info in infos] == ["running"] * 10
+    assert all(r.complete and r.body == b"".join(CHUNKS) for r in results.values())
+    per_stream = collections.Counter(store.renewals)
+    assert len(per_stream) == 10 and min(per_stream.values()) >= 8, per_stream
+    done = len(store.renewals)
+    await anyio.sleep(0.2)
+    assert len(store.renewals) == done  # finished streams are no longer renewed
+
+
+async def test_a_lost_lease_found_at_renewal_stops_the_handler() -> None:
+    """The stream is deleted behind the engine's back (the store's own delete, as another
+    worker's would be) while its handler waits without writing: the next renewal finds the
+    lease gone and stops the handler, and the stream is not renewed again."""
+    store = RenewCountingStore()
+    app = StreamApp(pause_at=2)
+    mw = DurableMiddleware(app, store=store, lease_seconds=0.3)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(functools.partial(call, mw, "/s", headers={"Durable-Key": "k"}))
+        await wait_thread_event(app.paused)
+        assert await store.delete("/s#k")
+        with anyio.fail_after(5):
+            await wait_thread_event(app.ended)
+    assert (app.finished, app.cancelled) == (0, 1)
+    renewed = store.renewals.count("/s#k")
+    await anyio.sleep(0.3)
+    assert store.renewals.count("/s#k") == renewed
