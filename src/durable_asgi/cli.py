@@ -6,12 +6,16 @@
     durable-asgi show '/api/chat#42' --body --offset 1024
     durable-asgi delete '/api/chat#42'
     durable-asgi purge
+    durable-asgi proxy --store sqlite:///proxy.db --allow 'https://api.openai.com/v1/**'
 
 A stream's ID is its store id as `list` prints it: ``<namespace>#<key>`` (the namespace is the
 request path by default), or ``sha256:…`` for hashed keys and owner-bound streams.
 
 Exit status: 0 done; 1 the stream doesn't exist, or the store failed; 2 a usage error (bad
-arguments, no store given, an unknown store URL).
+arguments, no store given, an unknown store URL; for `proxy`, no ``--allow``).
+
+`proxy` runs `durable_asgi.proxy.DurableProxy` on uvicorn (the ``proxy`` extra) until
+interrupted; its store defaults to ``$DURABLE_ASGI_STORE``, else memory.
 """
 
 from __future__ import annotations
@@ -72,6 +76,38 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("id", metavar="ID")
 
     commands.add_parser("purge", help="remove expired streams now")
+
+    proxy = commands.add_parser(
+        "proxy",
+        help="run the durable proxy (durablefetch's URL scheme) on uvicorn",
+        description="Serve GET|POST /{host}/{path} durably from {scheme}://{host}/{path}, "
+        "for the upstream URLs the allowlist allows (durablefetch's client works with it).",
+    )
+    proxy.add_argument(
+        "--store",
+        metavar="URL",
+        default=argparse.SUPPRESS,  # else it would hide a --store given before `proxy`
+        help=f"memory://, sqlite:///path.db or redis://host:6379/0 (default: ${ENV_VAR}, "
+        "else memory://)",
+    )
+    proxy.add_argument(
+        "--allow",
+        metavar="PATTERN",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="upstream URLs it may fetch (required), e.g. 'https://api.openai.com/v1/**': "
+        "* is one path segment, host label or any port, ** any depth; '**' allows every URL",
+    )
+    proxy.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    proxy.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    proxy.add_argument("--certfile", metavar="FILE", help="serve HTTPS with this certificate")
+    proxy.add_argument("--keyfile", metavar="FILE", help="the certificate's private key")
+    proxy.add_argument(
+        "--ca-bundle",
+        metavar="FILE",
+        help="trust the CAs in FILE for upstream TLS, instead of the default ones",
+    )
     return parser
 
 
@@ -89,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Run the CLI (the ``durable-asgi`` entry point) and exit with its status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "proxy":
+        _proxy(parser, args)
     url = args.store or os.environ.get(ENV_VAR, "").strip()
     if not url:
         parser.error(f"no store: pass --store URL or set ${ENV_VAR}")
@@ -106,6 +144,46 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(0)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(0)
+
+
+def _proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> NoReturn:
+    """`durable-asgi proxy`: check the arguments, then serve until interrupted."""
+    if not args.allow:
+        parser.error(
+            "proxy needs --allow PATTERN: it fetches only the upstream URLs an allowlist allows, "
+            "e.g. --allow 'https://api.example.com/**' (--allow '**' allows every URL: an open "
+            "proxy)"
+        )
+    if (args.certfile is None) != (args.keyfile is None):
+        parser.error("proxy: --certfile and --keyfile go together")
+    try:
+        import uvicorn
+
+        from .proxy import Allowlist, DurableProxy
+    except ImportError as exc:
+        parser.error(f'proxy needs the proxy extra ({exc}): pip install "durable-asgi[proxy]"')
+    try:
+        allow = Allowlist(args.allow)
+    except ValueError as exc:
+        parser.error(str(exc))
+    url = getattr(args, "store", None) or os.environ.get(ENV_VAR, "").strip() or "memory://"
+    try:
+        store = store_from_url(url)
+    except (ValueError, ImportError) as exc:
+        parser.error(f"--store {url!r}: {exc}")
+    try:
+        app = DurableProxy(allow=allow, store=store, verify=args.ca_bundle or True)
+    except OSError as exc:  # an unreadable CA bundle (ssl.SSLError is an OSError)
+        parser.error(f"--ca-bundle {args.ca_bundle!r}: {exc}")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        ssl_certfile=args.certfile,
+        ssl_keyfile=args.keyfile,
+        lifespan="on",
+    )
     sys.exit(0)
 
 

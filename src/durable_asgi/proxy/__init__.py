@@ -1,0 +1,36 @@
+"""`durable_asgi.proxy`: a durable HTTP proxy on the same engine and stores as the middleware.
+
+For upstreams that aren't Python apps (an OpenAI-compatible server, a Node service): the proxy
+fetches each upstream URL once, tees the answer into the store while it streams, keeps
+fetching when the client leaves, and serves every later request for that URL from the store,
+then live. It speaks durablefetch's URL scheme, so durablefetch's npm client works against it
+unchanged. An upstream allowlist is mandatory.
+
+Example::
+
+    from durable_asgi import SQLiteStore
+    from durable_asgi.proxy import DurableProxy
+
+    proxy = DurableProxy(allow=["https://api.openai.com/v1/**"], store=SQLiteStore("proxy.db"))
+    # uvicorn app:proxy   — or, with no code: durable-asgi proxy --allow 'https://...' ...
+
+Needs the ``proxy`` extra: ``pip install "durable-asgi[proxy]"``.
+"""
+
+from ._allow import Allowlist
+from ._app import DOCS_URL, DurableProxy
+from ._durablefetch import NAMESPACE
+from ._upstream import DEFAULT_LIMITS, DEFAULT_TIMEOUT, UpstreamError
+from ._url import Upstream, parse_upstream
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_TIMEOUT",
+    "DOCS_URL",
+    "NAMESPACE",
+    "Allowlist",
+    "DurableProxy",
+    "Upstream",
+    "UpstreamError",
+    "parse_upstream",
+]
