@@ -44,13 +44,17 @@ def params(request: Request) -> tuple[int, float, int]:
 
 
 async def produce(n: int, rate: float, size: int) -> AsyncIterator[str]:
-    """`n` chunks at `rate` per second (0: as fast as possible), on a fixed schedule."""
+    """`n` chunks at `rate` per second on a fixed schedule, or (0) as fast as possible — still
+    awaiting between chunks, as a handler relaying an upstream does (``sleep(0)``: a handler
+    that never awaits would let the store coalesce its whole output into a few writes)."""
     start = time.monotonic()
     for i in range(n):
         if rate:
             delay = start + i / rate - time.monotonic()
             if delay > 0:
                 await anyio.sleep(delay)
+        else:
+            await anyio.sleep(0)
         yield chunk(i, size)
 
 

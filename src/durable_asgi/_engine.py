@@ -110,10 +110,12 @@ class Flusher:
     (`write_all`: one transaction, one pipeline) for all of them, at most one per
     `FLUSH_WINDOW` — where a writer task per producer would wake for every chunk. Idle, a
     write goes out at once; busy, the window fills with every stream's chunks, so the cost per
-    chunk falls as load rises (group commit). asyncio only (trio: a writer per producer).
+    chunk falls as load rises (group commit). A producer over its high-water mark (its
+    handler waits) cuts the window short: backpressure waits for the store, never the clock.
+    asyncio only (trio: a writer per producer).
     """
 
-    __slots__ = ("_dirty", "_last", "_task", "loop", "store", "window")
+    __slots__ = ("_dirty", "_hurry", "_last", "_task", "_urgent", "loop", "store", "window")
 
     def __init__(
         self, store: Store, loop: asyncio.AbstractEventLoop, window: float = FLUSH_WINDOW
@@ -124,6 +126,8 @@ class Flusher:
         self._dirty: dict[Producer, None] = {}  # in the order they had something to store
         self._task: asyncio.Task[None] | None = None
         self._last = -window
+        self._hurry: asyncio.Future[None] | None = None  # what the window's wait waits on
+        self._urgent = False  # a handler waits for the store: no window before the next flush
 
     def add(self, producer: Producer) -> None:
         """`producer` has something to store."""
@@ -131,12 +135,29 @@ class Flusher:
         if self._task is None:
             self._task = self.loop.create_task(self._run())
 
+    def hurry(self) -> None:
+        """Flush without waiting for the window: a handler is waiting for its bytes to be
+        stored (`WriteBehind.over_high_water`)."""
+        self._urgent = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._hurry is not None and not self._hurry.done():
+            self._hurry.set_result(None)
+
     async def _run(self) -> None:
         try:
             while self._dirty:
                 wait = self._last + self.window - self.loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                if wait > 0 and not self._urgent:
+                    self._hurry = self.loop.create_future()
+                    timer = self.loop.call_later(wait, self._wake)
+                    try:
+                        await self._hurry
+                    finally:
+                        timer.cancel()
+                        self._hurry = None
+                self._urgent = False
                 self._last = self.loop.time()
                 producers, self._dirty = self._dirty, {}
                 writes, owners = [], []

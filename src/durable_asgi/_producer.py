@@ -279,6 +279,8 @@ class Producer:
                 self._advance(Phase.SENT)
             self._pending()
             if self.buffer.over_high_water:  # backpressure: the store is behind
+                if self._flusher is not None:
+                    self._flusher.hurry()
                 await self.buffer.wait_drained()
 
     # -- storing -------------------------------------------------------------------------------
