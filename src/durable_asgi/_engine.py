@@ -19,14 +19,21 @@ import anyio
 from ._producer import Producer, Stop
 from .stores._base import Store, write_all
 
-__all__ = ["FLUSH_WINDOW", "Engine", "Flusher", "Renewer"]
+__all__ = ["FLUSH_WINDOW", "MIN_WINDOW", "PER_STREAM", "Engine", "Flusher", "Renewer"]
 
 FLUSH_WINDOW = 0.05
-"""Seconds between two flushes of a busy engine (the default of `DurableMiddleware`'s
-``flush_window``): the most a byte waits to be written behind the first client, and what lets
-one store write carry several chunks of every stream. A token stream (an event every 10-50 ms)
-puts one event in a 5 ms window and several in a 50 ms one: at 300 token-paced streams on one
-worker, memory's CPU per event fell from 1.59 to 1.28 times the bare app's (`bench/run.py`)."""
+"""The longest flush window, in seconds (the default of `DurableMiddleware`'s
+``flush_window``): the most a byte waits to be written behind the first client of a busy
+worker. A token stream (an event every 10-50 ms) puts one event in a 5 ms window and several
+in a 50 ms one: at 300 token-paced streams on one worker, memory's CPU per event fell from
+1.59 to 1.28 times the bare app's (`bench/run.py`)."""
+
+MIN_WINDOW = 0.005
+PER_STREAM = 0.0001
+"""The window grows with the load: `MIN_WINDOW` plus `PER_STREAM` for each stream the last
+flush wrote, up to the longest. A few streams are stored within 5 ms, so their joiners and
+resumers follow closely; hundreds share one write per 30-50 ms, so each carries several of
+their chunks where the CPU is the limit."""
 
 
 class Engine:
@@ -107,15 +114,26 @@ class Engine:
 
 class Flusher:
     """Stores what every producer of an engine has pending: one task, one batched write
-    (`write_all`: one transaction, one pipeline) for all of them, at most one per
-    `FLUSH_WINDOW` — where a writer task per producer would wake for every chunk. Idle, a
-    write goes out at once; busy, the window fills with every stream's chunks, so the cost per
-    chunk falls as load rises (group commit). A producer over its high-water mark (its
+    (`write_all`: one transaction, one pipeline) for all of them, at most one per window —
+    where a writer task per producer would wake for every chunk. Idle, a write goes out at
+    once; busy, the window (from `MIN_WINDOW` to `window`, by how many streams the last flush
+    wrote) fills with every stream's chunks, so the cost per chunk falls as load rises (group
+    commit). A producer over its high-water mark (its
     handler waits) cuts the window short: backpressure waits for the store, never the clock.
     asyncio only (trio: a writer per producer).
     """
 
-    __slots__ = ("_dirty", "_hurry", "_last", "_task", "_urgent", "loop", "store", "window")
+    __slots__ = (
+        "_dirty",
+        "_hurry",
+        "_last",
+        "_next",
+        "_task",
+        "_urgent",
+        "loop",
+        "store",
+        "window",
+    )
 
     def __init__(
         self, store: Store, loop: asyncio.AbstractEventLoop, window: float = FLUSH_WINDOW
@@ -126,6 +144,7 @@ class Flusher:
         self._dirty: dict[Producer, None] = {}  # in the order they had something to store
         self._task: asyncio.Task[None] | None = None
         self._last = -window
+        self._next = min(window, MIN_WINDOW)  # the window before the next flush
         self._hurry: asyncio.Future[None] | None = None  # what the window's wait waits on
         self._urgent = False  # a handler waits for the store: no window before the next flush
 
@@ -148,7 +167,7 @@ class Flusher:
     async def _run(self) -> None:
         try:
             while self._dirty:
-                wait = self._last + self.window - self.loop.time()
+                wait = self._last + self._next - self.loop.time()
                 if wait > 0 and not self._urgent:
                     self._hurry = self.loop.create_future()
                     timer = self.loop.call_later(wait, self._wake)
@@ -168,6 +187,7 @@ class Flusher:
                         owners.append(producer)
                 if not writes:
                     continue
+                self._next = min(self.window, MIN_WINDOW + PER_STREAM * len(writes))
                 try:
                     outcomes = await write_all(self.store, writes)
                 except Exception as exc:  # the store failed as a whole

@@ -73,11 +73,12 @@ class DurableMiddleware:
         client_path: where the middleware serves the browser client
             (``<client_path>durable-fetch.js`` and its ``.d.ts``), so
             ``<script type="module">`` works with no build step. None turns it off.
-        flush_window: while busy, the worker stores every stream's pending chunks at most
-            this often (seconds; idle, a chunk is stored at once). Longer: fewer, bigger store
-            writes (less CPU per chunk); shorter: joiners, resumers and other workers see live
-            chunks sooner. The first client is fed inline either way (`docs/protocol.md`).
-            asyncio only (on trio each stream stores as it goes).
+        flush_window: the longest the worker waits between two stores of every stream's
+            pending chunks (seconds). Idle, a chunk is stored at once; busy, the window is
+            5 ms plus 0.1 ms per stream written, up to this. Longer: fewer, bigger store writes
+            (less CPU per chunk) under load; shorter: joiners, resumers and other workers see
+            live chunks sooner. The first client is fed inline either way
+            (`docs/protocol.md`). asyncio only (on trio each stream stores as it goes).
     """
 
     def __init__(
