@@ -150,6 +150,33 @@ async def test_a_join_does_not_queue_behind_a_pipeline_of_writes(store: RedisSto
 
 
 @pytest.mark.anyio
+async def test_a_renewal_does_not_queue_behind_a_pipeline_of_writes(store: RedisStore) -> None:
+    """Renewals have a lane of their own: a busy worker's lease renewal lands while a big
+    pipeline of its streams' appends is still in flight (one that waited behind it could
+    find its lease run out, and lose the stream)."""
+    leases = [await claimed(store, f"/busy#{n}") for n in range(100)]
+    kept = await claimed(store, "/kept#1", lease_seconds=5)
+    piece = b"x" * (128 << 10)
+    done: list[str] = []
+
+    async def append(lease: Lease) -> None:
+        await store.append(lease, piece, chunks=1)
+        done.append("append")
+
+    async def renew() -> None:
+        await store.renew(kept, lease_seconds=5)
+        done.append("renew")
+
+    async with anyio.create_task_group() as tg:
+        for lease in leases:
+            tg.start_soon(append, lease)
+        await anyio.lowlevel.checkpoint()  # the appends are queued (and their pipeline sent)
+        tg.start_soon(renew)
+    assert sorted(done) == ["append"] * 100 + ["renew"]
+    assert done.index("renew") < 100  # not after the whole pipeline
+
+
+@pytest.mark.anyio
 async def test_life_of_a_stream(store: RedisStore) -> None:
     lease = await claimed(store)
     await store.start(lease, 200, ((b"content-type", b"text/plain"), (b"x", b"\x00\xff")))

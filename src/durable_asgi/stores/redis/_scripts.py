@@ -27,7 +27,16 @@ from ...exceptions import StoreError, StoreFull
 from .._batch import GroupCommit
 from ._connection import Client, Connection
 
-__all__ = ["CONSTANTS", "MAX_ENTRY", "MAX_PIPELINE", "OTHERS", "WRITES", "Lanes", "Script"]
+__all__ = [
+    "CONSTANTS",
+    "LEASES",
+    "MAX_ENTRY",
+    "MAX_PIPELINE",
+    "OTHERS",
+    "WRITES",
+    "Lanes",
+    "Script",
+]
 
 #: Largest body entry: bigger appends are split, so a read from the middle of a huge append
 #: copies at most this much more than it returns.
@@ -38,8 +47,10 @@ EV_MARGIN_MS = 60_000
 CONSTANTS = (b"%d" % EV_MARGIN_MS, b"%d" % MAX_ENTRY)
 #: Most scripts sent in one pipeline.
 MAX_PIPELINE = 256
-#: The lanes: producers' fenced writes, and every other script.
-WRITES, OTHERS = 0, 1
+#: The lanes: producers' fenced writes, lease renewals, and every other script. Renewals have a
+#: lane of their own so that a busy worker's renewals never queue behind its writes' pipeline
+#: (a lease that runs out while its renewal waits is lost, and so is the stream).
+WRITES, LEASES, OTHERS = 0, 1, 2
 
 _LUA = Path(__file__).with_name("lua")
 _PRELUDE = (_LUA / "prelude.lua").read_text(encoding="utf-8")
@@ -97,14 +108,16 @@ PURGE = Script.load("purge")
 
 
 class Lanes:
-    """Runs scripts through the two lanes (`WRITES`, `OTHERS`), each batched into pipelines."""
+    """Runs scripts through the lanes (`WRITES`, `LEASES`, `OTHERS`), each batched into
+    pipelines of its own."""
 
     __slots__ = ("_connection", "_lanes")
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
         self._lanes = tuple(
-            GroupCommit[Call, Any](self._flush, max_batch=MAX_PIPELINE) for _ in (WRITES, OTHERS)
+            GroupCommit[Call, Any](self._flush, max_batch=MAX_PIPELINE)
+            for _ in (WRITES, LEASES, OTHERS)
         )
 
     async def run(

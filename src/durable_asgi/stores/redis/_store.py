@@ -32,7 +32,7 @@ from . import _scripts as scripts
 from ._codec import DATA, glob_escape, key_names, ms, pack_headers, snapshot
 from ._connection import Connection
 from ._follower import Follower
-from ._scripts import OTHERS, WRITES, Lanes, Script
+from ._scripts import LEASES, OTHERS, WRITES, Lanes, Script
 
 __all__ = ["LOCAL_BYTES", "MAX_READ", "RedisStore"]
 
@@ -197,11 +197,16 @@ class RedisStore:
         return list(reply)
 
     async def _write(
-        self, script: Script, lease: Lease, *args: bytes | str | int, want: int = -1
+        self,
+        script: Script,
+        lease: Lease,
+        *args: bytes | str | int,
+        want: int = -1,
+        lane: int = WRITES,
     ) -> list[Any]:
         """Run a fenced write; its reply is ``[b"ok", version, ...]``."""
         keys, fenced = self._fenced(lease, args, want)
-        return self._held(lease, await self._eval(script, keys, *fenced, lane=WRITES))
+        return self._held(lease, await self._eval(script, keys, *fenced, lane=lane))
 
     async def start(self, lease: Lease, status: int, headers: Headers) -> None:
         reply = await self._write(scripts.START, lease, status, pack_headers(headers))
@@ -262,7 +267,7 @@ class RedisStore:
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
         sent = time.time()
-        await self._write(scripts.RENEW, lease, max(1, ms(lease_seconds)))
+        await self._write(scripts.RENEW, lease, max(1, ms(lease_seconds)), lane=LEASES)
         self._produced(lease, lease_expires_at=sent + lease_seconds)
 
     async def finish(self, lease: Lease, state: FinalState, *, ttl: float, retain: bool) -> None:
