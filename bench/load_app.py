@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -45,7 +46,7 @@ def params(request: Request) -> tuple[int, float, int]:
 
 async def produce(n: int, rate: float, size: int) -> AsyncIterator[str]:
     """`n` chunks at `rate` per second on a fixed schedule, or (0) as fast as possible — still
-    awaiting between chunks, as a handler relaying an upstream does (``sleep(0)``: a handler
+    awaiting between chunks, as a handler relaying an upstream does (a checkpoint: a handler
     that never awaits would let the store coalesce its whole output into a few writes)."""
     start = time.monotonic()
     for i in range(n):
@@ -54,7 +55,7 @@ async def produce(n: int, rate: float, size: int) -> AsyncIterator[str]:
             if delay > 0:
                 await anyio.sleep(delay)
         else:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()  # sleep(0)
         yield chunk(i, size)
 
 
