@@ -4,7 +4,8 @@
         with serve() as s:                       # DurableProxy(allow=[upstream/**], store=...)
             result = await fetch(s.url, s.path("/sse?id=1"))
 
-`store` runs each test on memory, SQLite and Redis (Redis skips without a redis-server, except
+`certs` is a test CA and a server certificate for the TLS tests (the npm clients'). `store` runs
+each test on memory, SQLite and Redis (Redis skips without a redis-server, except
 under CI); a test that needs only one names it: ``@pytest.mark.parametrize("store",
 ["memory"], indirect=True)``. The client side runs on asyncio (the servers run their own loops).
 """
@@ -24,6 +25,7 @@ from durable_asgi.proxy import DurableProxy
 
 from ..support.servers import running_server
 from ..support.stores import Ids, redis_factory
+from ..support.tls import Certificates, make_certificates
 from .harness import Serve, Setup
 from .upstream import Origin
 
@@ -46,6 +48,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
             yield make()
         finally:
             clean()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A test CA, and a certificate it signed for 127.0.0.1, 127.0.0.2 and localhost."""
+    return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ import anyio.abc
 from durable_asgi._types import ASGIApp
 
 __all__ = [
+    "TLS",
     "IncompleteBody",
     "Result",
     "RunningServer",
@@ -71,10 +72,11 @@ class RunningServer:
     port: int
     server: ServerName
     process: subprocess.Popen[bytes] | None = None
+    scheme: Literal["http", "https"] = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def kill(self) -> None:
         """SIGKILL the server's process and its workers at once, as a crash would.
@@ -87,6 +89,15 @@ class RunningServer:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class TLS:
+    """A server certificate (chain) and its private key, PEM files: `running_server(tls=)`.
+    ``tests/support/tls.py`` makes them with a test CA."""
+
+    certfile: str
+    keyfile: str
+
+
 @contextlib.contextmanager
 def running_server(
     app: ASGIApp | str,
@@ -97,6 +108,8 @@ def running_server(
     shutdown_timeout: float = 5.0,
     env: Mapping[str, str] | None = None,
     workers: int = 1,
+    host: str = HOST,
+    tls: TLS | None = None,
 ) -> Iterator[RunningServer]:
     """Serve `app` on a free loopback port until the block ends.
 
@@ -110,11 +123,17 @@ def running_server(
     parser. uvicorn and hypercorn in a thread get a socket bound here; granian and the CLIs
     bind a port found free just before. For an import string, `env` adds environment variables
     to the subprocess and `workers` > 1 runs that many worker processes (uvicorn ``--workers``).
+    An app served in a thread may listen on another loopback `host` (all of 127/8 is loopback
+    on Linux), and uvicorn serves HTTPS with `tls` (`.url` is then ``https://``).
 
         with running_server(app, server="hypercorn") as server:
             result = anyio.run(fetch, server.url, "/")
+        with running_server(app, host="127.0.0.2", tls=TLS(cert, key)) as server:
+            ...                                     # https://127.0.0.2:<port>
     """
     if isinstance(app, str):
+        if host != HOST or tls is not None:
+            raise ValueError("host= and tls= need an app served in a thread")
         with _subprocess_server(
             app, server, http, startup_timeout, shutdown_timeout, env or {}, workers
         ) as running:
@@ -122,22 +141,24 @@ def running_server(
         return
     if env or workers != 1:
         raise ValueError("env= and workers= need an import string (a server in a subprocess)")
+    if tls is not None and server != "uvicorn":
+        raise ValueError("tls= is only supported for uvicorn")
     # Bound but not listening: connecting fails until the server itself starts accepting.
     with socket.socket() as sock:
-        sock.bind((HOST, 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         grace = shutdown_timeout / 2
         if server == "uvicorn":
-            backend = _uvicorn(app, sock, http, grace)
+            backend = _uvicorn(app, sock, http, grace, tls)
         elif server == "hypercorn":
-            backend = _hypercorn(app, sock, port, grace)
+            backend = _hypercorn(app, sock, (host, port), grace)
         elif server == "granian":
             sock.close()  # granian binds the port itself
-            backend = _granian(app, port)
+            backend = _granian(app, (host, port))
         else:
             raise ValueError(f"unknown server {server!r}: use uvicorn, hypercorn or granian")
         with _in_thread(backend, server, startup_timeout, shutdown_timeout):
-            yield RunningServer(HOST, port, server)
+            yield RunningServer(host, port, server, scheme="https" if tls else "http")
 
 
 @dataclass
@@ -150,7 +171,9 @@ class _Backend:
     ready: Callable[[], bool]
 
 
-def _uvicorn(app: ASGIApp, sock: socket.socket, http: str, grace: float) -> _Backend:
+def _uvicorn(
+    app: ASGIApp, sock: socket.socket, http: str, grace: float, tls: TLS | None
+) -> _Backend:
     import uvicorn
 
     config = uvicorn.Config(
@@ -160,6 +183,8 @@ def _uvicorn(app: ASGIApp, sock: socket.socket, http: str, grace: float) -> _Bac
         access_log=False,
         log_config=None,  # log through the root logger (pytest captures it); don't reconfigure
         timeout_graceful_shutdown=int(grace) or 1,
+        ssl_certfile=tls.certfile if tls else None,
+        ssl_keyfile=tls.keyfile if tls else None,
     )
     server = uvicorn.Server(config)
 
@@ -172,7 +197,9 @@ def _uvicorn(app: ASGIApp, sock: socket.socket, http: str, grace: float) -> _Bac
     return _Backend(lambda: server.serve(sockets=[sock]), stop, force, lambda: server.started)
 
 
-def _hypercorn(app: ASGIApp, sock: socket.socket, port: int, grace: float) -> _Backend:
+def _hypercorn(
+    app: ASGIApp, sock: socket.socket, address: tuple[str, int], grace: float
+) -> _Backend:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
@@ -185,24 +212,24 @@ def _hypercorn(app: ASGIApp, sock: socket.socket, port: int, grace: float) -> _B
         config.bind = [f"fd://{os.dup(sock.fileno())}"]  # hypercorn closes the fd it is given
         await serve(app, config, shutdown_trigger=stopping.wait)  # type: ignore[arg-type]
 
-    return _Backend(run, stopping.set, None, lambda: _accepting(port))
+    return _Backend(run, stopping.set, None, lambda: _accepting(*address))
 
 
-def _granian(app: ASGIApp, port: int) -> _Backend:
+def _granian(app: ASGIApp, address: tuple[str, int]) -> _Backend:
     from granian.constants import Interfaces
     from granian.log import LogLevels
     from granian.server.embed import Server
 
     server = Server(
         app,
-        address=HOST,
-        port=port,
+        address=address[0],
+        port=address[1],
         interface=Interfaces.ASGI,
         log_level=LogLevels.error,
         # granian logs to its own stdout handlers; send its records to the root logger instead
         log_dictconfig={"loggers": {"_granian": {"propagate": True}}},
     )
-    return _Backend(server.serve, server.stop, None, lambda: _accepting(port))
+    return _Backend(server.serve, server.stop, None, lambda: _accepting(*address))
 
 
 @contextlib.contextmanager
@@ -291,7 +318,9 @@ def _subprocess_server(
     command = [sys.executable, "-m", *args.split()]
     process = subprocess.Popen(command, env=env, start_new_session=True)
     try:
-        _wait_until(lambda: process.poll() is not None or _accepting(port), startup_timeout, server)
+        _wait_until(
+            lambda: process.poll() is not None or _accepting(HOST, port), startup_timeout, server
+        )
         if process.poll() is not None:
             raise RuntimeError(f"{server} exited with {process.returncode} during startup")
         yield RunningServer(HOST, port, server, process)
@@ -307,9 +336,9 @@ def _subprocess_server(
             process.wait()
 
 
-def _accepting(port: int) -> bool:
+def _accepting(host: str, port: int) -> bool:
     try:
-        socket.create_connection((HOST, port), timeout=1.0).close()
+        socket.create_connection((host, port), timeout=1.0).close()
     except OSError:
         return False
     return True
