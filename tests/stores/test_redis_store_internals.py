@@ -4,6 +4,7 @@ doesn't reach (several processes' instances, restarts, key layout, retries)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -174,6 +176,43 @@ async def test_a_renewal_does_not_queue_behind_a_pipeline_of_writes(store: Redis
         tg.start_soon(renew)
     assert sorted(done) == ["append"] * 100 + ["renew"]
     assert done.index("renew") < 100  # not after the whole pipeline
+
+
+@pytest.mark.anyio
+async def test_scripts_are_loaded_at_open_and_again_in_one_pipeline_after_a_flush(
+    server: Server, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Open loads every script, so a busy worker's first calls don't all meet NOSCRIPT; a
+    pipeline that meets it later (Redis restarted, SCRIPT FLUSH) loads the scripts and resends
+    those calls in one more pipeline — not one by one, each in full."""
+    from durable_asgi.stores.redis import _scripts
+
+    client = Redis.from_url(server.url)
+    try:
+        exists = await client.script_exists(*(script.sha for script in _scripts.SCRIPTS))
+        assert all(exists)
+        leases = [await claimed(store, f"/flushed#{n}") for n in range(20)]
+        await client.script_flush()
+        alone: list[str] = []
+        real_run = _scripts.Script.run
+
+        async def run(self: _scripts.Script, *args: Any) -> Any:
+            alone.append(self.name)
+            return await real_run(self, *args)
+
+        monkeypatch.setattr(_scripts.Script, "run", run)
+        async with anyio.create_task_group() as tg:
+            for lease in leases:
+                tg.start_soon(functools.partial(store.append, lease, b"x", chunks=1))
+        assert alone == []
+        other = RedisStore(server.url)  # reads Redis, not this process's copy
+        try:
+            for n in range(20):
+                assert (await other.read(f"/flushed#{n}", 0, 10))[1] == b"x"
+        finally:
+            await other.close()
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.anyio

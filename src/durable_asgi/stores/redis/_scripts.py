@@ -33,9 +33,11 @@ __all__ = [
     "MAX_ENTRY",
     "MAX_PIPELINE",
     "OTHERS",
+    "SCRIPTS",
     "WRITES",
     "Lanes",
     "Script",
+    "load_scripts",
 ]
 
 #: Largest body entry: bigger appends are split, so a read from the middle of a huge append
@@ -105,6 +107,19 @@ ABORT = Script.load("abort")
 DELETE = Script.load("delete")
 ATTACH = Script.load("attach")
 PURGE = Script.load("purge")
+#: Every script, loaded into Redis when the store opens.
+SCRIPTS = (CLAIM, START, APPEND, CHECK, RENEW, FINISH, INFO, READ, ABORT, DELETE, ATTACH, PURGE)
+
+
+async def load_scripts(client: Client) -> None:
+    """Load every script into Redis (one pipeline), so that the first calls of a busy worker
+    don't all meet ``NOSCRIPT`` at once."""
+    if isinstance(client, RedisCluster):
+        return  # each node learns a script on its first NOSCRIPT (`Script.run`)
+    pipe = client.pipeline(transaction=False)
+    for script in SCRIPTS:
+        pipe.script_load(script.source)
+    await pipe.execute()
 
 
 class Lanes:
@@ -162,14 +177,31 @@ class Lanes:
             replies = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             return [StoreError(f"Redis {script.name} failed: {exc!r}") for script, _, _ in calls]
+        unloaded = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if unloaded:  # Redis lost them (restart, SCRIPT FLUSH): load them, resend those calls
+            replies = list(replies)
+            again = await _load_and_run(client, [calls[i] for i in unloaded])
+            for i, reply in zip(unloaded, again, strict=True):
+                replies[i] = reply
         results: list[Any] = []
-        for (script, keys, args), reply in zip(calls, replies, strict=True):
-            if isinstance(reply, NoScriptError):  # not loaded yet (or flushed): send it
-                try:
-                    reply = await script.run(client, keys, args)
-                except Exception as exc:
-                    reply = exc
-            elif isinstance(reply, ResponseError):
+        for (script, _, _), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, ResponseError):
                 reply = script.error(reply)
             results.append(reply)
         return results
+
+
+async def _load_and_run(client: Redis, calls: Sequence[Call]) -> list[Any]:
+    """`calls` again after loading their scripts: one pipeline, where resending each call in
+    full one by one would cost a busy worker a round trip (and a turn of its loop) per call."""
+    scripts = {script.sha: script for script, _, _ in calls}
+    pipe = client.pipeline(transaction=False)
+    for script in scripts.values():
+        pipe.script_load(script.source)
+    for script, keys, args in calls:
+        pipe.evalsha(script.sha, len(keys), *keys, *args, *CONSTANTS)
+    try:
+        replies = await pipe.execute(raise_on_error=False)
+    except (RedisError, OSError) as exc:
+        return [StoreError(f"Redis {script.name} failed: {exc!r}") for script, _, _ in calls]
+    return list(replies[len(scripts) :])

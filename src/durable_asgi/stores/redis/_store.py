@@ -132,7 +132,9 @@ class RedisStore:
 
     async def open(self) -> None:
         try:
-            await self._connection.commands().ping()
+            client = self._connection.commands()
+            await client.ping()
+            await scripts.load_scripts(client)
         except (RedisError, OSError) as exc:
             raise StoreError(f"cannot reach Redis at {self!r}: {exc}") from exc
 
