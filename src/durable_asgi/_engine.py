@@ -118,18 +118,18 @@ class Flusher:
     where a writer task per producer would wake for every chunk. Idle, a write goes out at
     once; busy, the window (from `MIN_WINDOW` to `window`, by how many streams the last flush
     wrote) fills with every stream's chunks, so the cost per chunk falls as load rises (group
-    commit). A producer over its high-water mark (its
-    handler waits) cuts the window short: backpressure waits for the store, never the clock.
-    asyncio only (trio: a writer per producer).
+    commit). A producer over its high-water mark (its handler waits) cuts the window short:
+    backpressure waits for the store, never the clock. asyncio only (trio: a writer per
+    producer).
     """
 
     __slots__ = (
         "_dirty",
-        "_hurry",
         "_last",
         "_next",
         "_task",
         "_urgent",
+        "_window_ends",
         "loop",
         "store",
         "window",
@@ -145,7 +145,7 @@ class Flusher:
         self._task: asyncio.Task[None] | None = None
         self._last = -window
         self._next = min(window, MIN_WINDOW)  # the window before the next flush
-        self._hurry: asyncio.Future[None] | None = None  # what the window's wait waits on
+        self._window_ends: asyncio.Future[None] | None = None  # while the flusher waits
         self._urgent = False  # a handler waits for the store: no window before the next flush
 
     def add(self, producer: Producer) -> None:
@@ -161,21 +161,21 @@ class Flusher:
         self._wake()
 
     def _wake(self) -> None:
-        if self._hurry is not None and not self._hurry.done():
-            self._hurry.set_result(None)
+        if self._window_ends is not None and not self._window_ends.done():
+            self._window_ends.set_result(None)
 
     async def _run(self) -> None:
         try:
             while self._dirty:
                 wait = self._last + self._next - self.loop.time()
                 if wait > 0 and not self._urgent:
-                    self._hurry = self.loop.create_future()
+                    self._window_ends = self.loop.create_future()
                     timer = self.loop.call_later(wait, self._wake)
                     try:
-                        await self._hurry
+                        await self._window_ends
                     finally:
                         timer.cancel()
-                        self._hurry = None
+                        self._window_ends = None
                 self._urgent = False
                 self._last = self.loop.time()
                 producers, self._dirty = self._dirty, {}

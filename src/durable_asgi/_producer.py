@@ -150,7 +150,6 @@ class Producer:
         self._flags = {Phase.STREAMING: Flag(), Phase.SENT: Flag(), Phase.DONE: Flag()}
         self._handler = anyio.CancelScope()  # `stop` cancels it
         self._keeping = anyio.CancelScope()  # the keeper runs in it until the writer is done
-        self._renewing = False  # in the renewer (asyncio)
         self._client = anyio.CancelScope()  # the first client's reader; the keeper cancels it
 
     # -- state -----------------------------------------------------------------------------
@@ -219,7 +218,6 @@ class Producer:
                         beside.start_soon(self._write_loop)
                     if self._renewer is not None:
                         self._renewer.add(self)
-                        self._renewing = True
                     if self._renewer is None or receive is not None:
                         beside.start_soon(self._keep, receive)
                     try:
@@ -447,8 +445,7 @@ class Producer:
     def _stop_keeping(self) -> None:
         """No more renewals, no more watching the first client (the stream is ending)."""
         self._keeping.cancel()
-        if self._renewing and self._renewer is not None:
-            self._renewing = False
+        if self._renewer is not None:
             self._renewer.remove(self)
 
     async def renew(self) -> None:
