@@ -47,6 +47,10 @@ class CommandError(Exception):
         self.code = code
 
 
+SECRET_ENV_VAR = "DURABLE_ASGI_PROXY_SECRET"
+"""Where ``durable-asgi proxy`` finds its ``--secret`` when it isn't given."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="durable-asgi",
@@ -107,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
         "--ca-bundle",
         metavar="FILE",
         help="trust the CAs in FILE for upstream TLS, instead of the default ones",
+    )
+    proxy.add_argument(
+        "--secret",
+        metavar="S",
+        help="serve the Durable Streams proxy protocol at /v1/proxy with this service secret "
+        f"(default: ${SECRET_ENV_VAR}; unset: not served)",
     )
     return parser
 
@@ -173,7 +183,8 @@ def _proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> NoRetur
     except (ValueError, ImportError) as exc:
         parser.error(f"--store {url!r}: {exc}")
     try:
-        app = DurableProxy(allow=allow, store=store, verify=args.ca_bundle or True)
+        secret = args.secret or os.environ.get(SECRET_ENV_VAR, "").strip() or None
+        app = DurableProxy(allow=allow, store=store, verify=args.ca_bundle or True, secret=secret)
     except OSError as exc:  # an unreadable CA bundle (ssl.SSLError is an OSError)
         parser.error(f"--ca-bundle {args.ca_bundle!r}: {exc}")
     uvicorn.run(

@@ -24,10 +24,10 @@ from .._request import DurableRequest, header
 from .._types import Receive, Scope, Send
 from ..exceptions import BadRequest
 from ..stores import Store
-from . import _durablefetch
+from . import _ds, _durablefetch
 from ._allow import Allowlist
 from ._upstream import DEFAULT_LIMITS, DEFAULT_TIMEOUT, UPSTREAM, Relay
-from ._url import Upstream, parse_upstream, split_authority
+from ._url import Upstream, parse_upstream, request_target, split_authority
 
 if TYPE_CHECKING:
     import httpx
@@ -82,6 +82,13 @@ class DurableProxy:
         limits: the upstream connection pool's `httpx.Limits`.
         docs_url: where ``GET /`` redirects (None: it is a 400, a request without a host).
         shutdown_grace: seconds running upstreams get at shutdown before they end ``failed``.
+        secret: enables mode 2, the Durable Streams proxy protocol at ``/v1/proxy``, with this
+            service secret (``Authorization: Bearer`` or ``?secret=``), which also signs the
+            pre-signed stream URLs.
+        signature_ttl: seconds a pre-signed URL is valid (mode 2).
+        header_timeout: seconds for the upstream's head (mode 2: then ``504``).
+        body_timeout: seconds without a body chunk before the stream ends ``failed`` (mode 2).
+        long_poll_timeout: seconds a ``live=long-poll`` read waits before ``204`` (mode 2).
     """
 
     def __init__(
@@ -96,6 +103,11 @@ class DurableProxy:
         limits: httpx.Limits = DEFAULT_LIMITS,
         docs_url: str | None = DOCS_URL,
         shutdown_grace: float = 10.0,
+        secret: str | None = None,
+        signature_ttl: float = 24 * 3600,
+        header_timeout: float = 60.0,
+        body_timeout: float = 600.0,
+        long_poll_timeout: float = 30.0,
         **overrides: Unpack[OptionFields],
     ) -> None:
         own = {"key", "namespace", "owner"} & overrides.keys()
@@ -119,6 +131,17 @@ class DurableProxy:
             shutdown_grace=shutdown_grace,
             client_path=None,
         )
+        self.streams: _ds.DurableStreams | None = None
+        """Mode 2, the Durable Streams proxy protocol at ``/v1/proxy`` (with ``secret``)."""
+        if secret is not None:
+            self.streams = _ds.DurableStreams(
+                self,
+                secret=secret,
+                signature_ttl=signature_ttl,
+                header_timeout=header_timeout,
+                body_timeout=body_timeout,
+                long_poll_timeout=long_poll_timeout,
+            )
 
     def __repr__(self) -> str:
         return f"DurableProxy(allow={self.allowlist!r}, store={self.store!r})"
@@ -131,6 +154,11 @@ class DurableProxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
+            if self.streams is not None:
+                route = request_target(scope)
+                if _ds.is_route(route):
+                    await self.streams.serve(scope, receive, send, route)
+                    return
             await _durablefetch.serve(self, scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)

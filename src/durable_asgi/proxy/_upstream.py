@@ -149,30 +149,67 @@ class Relay:
         upstream: Upstream = scope[UPSTREAM]
         method: str = scope["method"]
         body = await _read_body(receive)
-        client = self.client
-        request = client.build_request(
-            method,
-            upstream.url,
-            headers=end_to_end(scope["headers"], _SET_BY_CLIENT),
-            content=None if method in _NO_BODY else body,
-        )
         try:
-            response = await client.send(request, stream=True)
+            response = await self.open(upstream, method, scope["headers"], body)
         except httpx.HTTPError as exc:
             status, error = _answer_for(exc)
             await send_json(send, status, {"error": f"{error}: {exc}", "upstream": upstream.url})
             return
+        await self.relay(upstream, response, send)
+
+    async def open(
+        self,
+        upstream: Upstream,
+        method: str,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
+        """Send the request upstream (hop-by-hop headers dropped) and return the response
+        once its head is in, its body unread. Raises `httpx.HTTPError`."""
+        client = self.client
+        request = client.build_request(
+            method,
+            upstream.url,
+            headers=end_to_end(headers, _SET_BY_CLIENT),
+            content=None if method in _NO_BODY else body,
+            timeout=timeout if timeout is not None else self.timeout,
+        )
+        return await client.send(request, stream=True)
+
+    async def relay(
+        self,
+        upstream: Upstream,
+        response: httpx.Response,
+        send: Send,
+        *,
+        inactivity: float | None = None,
+    ) -> None:
+        """Send `response` as an ASGI response (decoded, hop-by-hop headers dropped) and
+        close it. A failure mid-body raises `UpstreamError`; so does `inactivity` seconds
+        without a chunk."""
         try:
             encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
             headers = end_to_end(response.headers.raw, _DECODED if encoded else _SET_BY_SERVER)
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
             )
-            async for chunk in response.aiter_bytes():
+            chunks = response.aiter_bytes().__aiter__()
+            while True:
+                try:
+                    with anyio.fail_after(inactivity):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except httpx.HTTPError as exc:
             raise UpstreamError(f"{upstream.url} failed mid-response: {exc!r}") from exc
+        except TimeoutError as exc:
+            raise UpstreamError(
+                f"{upstream.url} sent nothing for {inactivity} s mid-response"
+            ) from exc
         finally:
             # Also when stopped: closing the connection is how the upstream learns of it.
             with anyio.move_on_after(5, shield=True):

@@ -1,0 +1,388 @@
+"""The Durable Streams read protocol, once, for any stream in the store.
+
+``PROTOCOL.md`` sections 5.5-5.8 of `durable-streams/durable-streams`: catch-up reads,
+``live=long-poll`` and ``live=sse``, ``HEAD``, over a stream the engine produced — a proxied
+upstream (mode 2 of the proxy) or a handler under the middleware (`StreamsApp`).
+
+Offsets are opaque to clients and sort lexicographically: ``{0:016d}_{byte offset:016d}``
+(the reference's ``{read-seq}_{byte-offset}`` shape, the read sequence always 0). ``-1`` is the
+start, ``now`` the tail. A stream is *closed* (``Stream-Closed: true``, ``streamClosed``) once it
+is finished, whatever the way: ``Durable-State`` (and ``durableState`` in SSE control events)
+says whether it ``complete``-d or was ``aborted`` or ``failed`` (an upstream error, a limit, a
+dead worker whose lease ran out), so no reader waits forever and none takes a cut answer for
+a whole one.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+import anyio
+
+from .._reader import READ_SIZE, until_disconnect, wait_for_head
+from .._types import Message, Receive, Scope, Send
+from ..exceptions import StoreError
+from ..stores._base import Store, StreamInfo, effective
+
+__all__ = [
+    "CURSOR_INTERVAL",
+    "ReadError",
+    "StreamReader",
+    "decode_offset",
+    "encode_offset",
+    "error_body",
+]
+
+CURSOR_INTERVAL = 20.0
+"""Seconds per cursor interval (``Stream-Cursor``, base protocol section 10.1)."""
+
+_OFFSET_WIDTH = 16
+
+
+class ReadError(Exception):
+    """A request the read protocol refuses: its status, code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The protocol's error body: ``{"error": {"code", "message"}}``."""
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def encode_offset(offset: int) -> str:
+    return f"{0:0{_OFFSET_WIDTH}d}_{offset:0{_OFFSET_WIDTH}d}"
+
+
+def decode_offset(token: str, tail: int) -> int:
+    """The byte offset of an offset token (``-1``: 0, ``now``: `tail`); `ReadError` 400."""
+    if token == "-1":
+        return 0
+    if token == "now":
+        return tail
+    seq, sep, rest = token.partition("_")
+    if (
+        not sep
+        or len(seq) != _OFFSET_WIDTH
+        or len(rest) != _OFFSET_WIDTH
+        or not (seq.isdigit() and rest.isdigit() and seq.isascii() and rest.isascii())
+        or int(seq) != 0
+    ):
+        raise ReadError(400, "INVALID_OFFSET", f"malformed offset {token[:64]!r}")
+    offset = int(rest)
+    if offset > tail:
+        raise ReadError(400, "INVALID_OFFSET", f"offset {token} is beyond the stream's tail")
+    return offset
+
+
+def content_type(info: StreamInfo) -> bytes:
+    for name, value in info.headers or ():
+        if name.lower() == b"content-type":
+            return value
+    return b"application/octet-stream"
+
+
+def is_text(ctype: bytes) -> bool:
+    """Text (SSE data carried as UTF-8) per base protocol 5.8: ``text/*`` or JSON."""
+    media = ctype.split(b";")[0].strip().lower()
+    return media.startswith(b"text/") or media == b"application/json"
+
+
+def next_cursor(client: str | None, now: float | None = None) -> str:
+    """The cursor to answer (base protocol 10.1): the current interval number, or, when the
+    client's cursor is at or past it, one more than the client's (never the same twice)."""
+    current = math.floor((time.time() if now is None else now) / CURSOR_INTERVAL)
+    if client is not None and client.isdigit() and client.isascii():
+        sent = int(client)
+        if sent >= current:
+            return str(sent + 1)
+    return str(current)
+
+
+@dataclass(frozen=True)
+class Query:
+    offset: str | None
+    live: str | None
+    cursor: str | None
+
+    @classmethod
+    def of(cls, scope: Scope) -> Query:
+        params = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+
+        def one(name: str) -> str | None:
+            values = params.get(name)
+            return values[-1] if values else None
+
+        live = one("live")
+        if live not in (None, "long-poll", "sse"):
+            raise ReadError(
+                400, "INVALID_LIVE_MODE", f"live must be long-poll or sse, not {live!r}"
+            )
+        offset = one("offset")
+        if live is not None and offset is None:
+            raise ReadError(400, "MISSING_OFFSET", f"live={live} needs an offset")
+        return cls(offset, live, one("cursor"))
+
+
+class StreamReader:
+    """Serves the read protocol for stream ids of a store.
+
+    Args:
+        store: the store.
+        poll: seconds between re-checks of a stream that may have gone stale (a dead
+            producer's lease running out wakes nobody).
+        long_poll_timeout: seconds a long-poll waits before ``204``.
+        sse_reconnect: seconds after which an SSE response ends (clients reconnect from the
+            last offset: base protocol 5.8, for CDN collapsing).
+        max_chunk: bytes at most per catch-up response.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        poll: float = 1.0,
+        long_poll_timeout: float = 30.0,
+        sse_reconnect: float = 60.0,
+        max_chunk: int = READ_SIZE,
+    ) -> None:
+        self.store = store
+        self.poll = poll
+        self.long_poll_timeout = long_poll_timeout
+        self.sse_reconnect = sse_reconnect
+        self.max_chunk = max_chunk
+
+    async def info(self, stream_id: str) -> StreamInfo:
+        """The stream's snapshot once its head is stored; `ReadError` 404 if absent."""
+        info = await self.store.info(stream_id)
+        if info is not None:
+            info = await wait_for_head(self.store, info, self.poll)
+        if info is None:
+            raise ReadError(404, "STREAM_NOT_FOUND", "the stream does not exist")
+        return effective(info)
+
+    async def head(
+        self, stream_id: str, send: Send, extra: Iterable[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """``HEAD``: the tail offset, closure, state and content type."""
+        info = await self.info(stream_id)
+        headers = [
+            (b"content-type", content_type(info)),
+            (b"stream-next-offset", encode_offset(info.offset).encode()),
+            (b"durable-state", info.state.encode()),
+            (b"cache-control", b"no-store"),
+            *extra,
+        ]
+        if info.finished:
+            headers.append((b"stream-closed", b"true"))
+        if info.expires_at is not None:
+            ttl = max(0, int(info.expires_at - time.time()))
+            headers.append((b"stream-ttl", str(ttl).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def get(
+        self,
+        stream_id: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        extra: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """``GET``: catch-up, long-poll or SSE, as the query asks."""
+        query = Query.of(scope)
+        info = await self.info(stream_id)
+        offset = decode_offset(query.offset or "-1", info.offset)
+        extra = list(extra)
+        if query.live == "sse":
+            await self._sse(stream_id, info, offset, query, receive, send, extra)
+            return
+        info, data = await self._read(stream_id, offset)
+        if not data and not info.finished and query.live == "long-poll":
+            info, data = await self._long_poll(stream_id, info, offset)
+            if not data:
+                await self._respond(204, info, offset, offset, query, extra, b"", send)
+                return
+        end = offset + len(data)
+        etag = f'"{stream_id}:{encode_offset(offset)}:{encode_offset(end)}"'.encode()
+        if info.finished and end >= info.offset:
+            etag = etag[:-1] + b':c"'
+        match = _header(scope, b"if-none-match")
+        if match is not None and etag in [t.strip() for t in match.split(b",")]:
+            await self._respond(304, info, offset, end, query, extra, b"", send, etag)
+            return
+        await self._respond(200, info, offset, end, query, extra, data, send, etag)
+
+    async def _read(self, stream_id: str, offset: int) -> tuple[StreamInfo, bytes]:
+        info, data = await self.store.read(stream_id, offset, self.max_chunk)
+        if info is None:
+            raise ReadError(404, "STREAM_NOT_FOUND", "the stream was deleted")
+        return effective(info), data
+
+    async def _long_poll(
+        self, stream_id: str, info: StreamInfo, offset: int
+    ) -> tuple[StreamInfo, bytes]:
+        data = b""
+        with anyio.move_on_after(self.long_poll_timeout):
+            while not data and not info.finished:
+                await self.store.wait(info, self.poll)
+                info, data = await self._read(stream_id, offset)
+        return info, data
+
+    async def _respond(
+        self,
+        status: int,
+        info: StreamInfo,
+        offset: int,
+        end: int,
+        query: Query,
+        extra: list[tuple[bytes, bytes]],
+        body: bytes,
+        send: Send,
+        etag: bytes | None = None,
+    ) -> None:
+        closed = info.finished and end >= info.offset
+        headers = [
+            (b"stream-next-offset", encode_offset(end).encode()),
+            (b"durable-state", info.state.encode()),
+            *extra,
+        ]
+        if status in (200, 304):
+            headers.append((b"content-type", content_type(info)))
+        if end >= info.offset:
+            headers.append((b"stream-up-to-date", b"true"))
+        if closed:
+            headers.append((b"stream-closed", b"true"))
+        else:
+            headers.append((b"stream-cursor", next_cursor(query.cursor).encode()))
+        if etag is not None:
+            headers.append((b"etag", etag))
+        # A closed stream's ranges never change; an open one's tail does.
+        cache = b"public, max-age=60" if closed or end < info.offset else b"no-cache"
+        headers.append((b"cache-control", cache if query.live is None else b"no-cache"))
+        if status == 200:
+            headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body if status == 200 else b""})
+
+    async def _sse(
+        self,
+        stream_id: str,
+        info: StreamInfo,
+        offset: int,
+        query: Query,
+        receive: Receive,
+        send: Send,
+        extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        text = is_text(content_type(info))
+        headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            *extra,
+        ]
+        if not text:
+            headers.append((b"stream-sse-data-encoding", b"base64"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        async with anyio.create_task_group() as group:
+
+            async def watch() -> None:
+                await until_disconnect(receive)
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            try:
+                with anyio.move_on_after(self.sse_reconnect):
+                    await self._sse_events(stream_id, info, offset, query, text, send)
+            except StoreError:
+                pass
+            except ReadError as exc:
+                await send(_event("control", {"error": {"code": exc.code}}, more=True))
+            group.cancel_scope.cancel()
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _sse_events(
+        self,
+        stream_id: str,
+        info: StreamInfo,
+        offset: int,
+        query: Query,
+        text: bool,
+        send: Send,
+    ) -> None:
+        cursor = query.cursor
+        up_to_date_sent = False
+        while True:
+            info, data = await self._read(stream_id, offset)
+            if text and data:
+                data = data[: _utf8_complete(data, final=info.finished)]
+            end = offset + len(data)
+            at_tail = end >= info.offset
+            if data:
+                payload = (
+                    base64.b64encode(data).decode() if not text else data.decode("utf-8", "replace")
+                )
+                await send(_data_event(payload))
+                offset = end
+            closed = info.finished and at_tail
+            if data or closed or (at_tail and not up_to_date_sent):
+                control: dict[str, Any] = {"streamNextOffset": encode_offset(offset)}
+                if closed:
+                    control["streamClosed"] = True
+                    control["upToDate"] = True
+                else:
+                    cursor = next_cursor(cursor)
+                    control["streamCursor"] = cursor
+                    if at_tail:
+                        control["upToDate"] = True
+                control["durableState"] = info.state
+                await send(_event("control", control, more=True))
+                up_to_date_sent = at_tail
+            if closed:
+                return
+            if at_tail or not data:
+                await self.store.wait(info, self.poll)
+
+
+def _utf8_complete(data: bytes, *, final: bool) -> int:
+    """How many leading bytes of `data` end on a UTF-8 character boundary (all when `final`)."""
+    if final:
+        return len(data)
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII)
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else 4
+            return len(data) if need <= back else len(data) - back
+    return len(data)
+
+
+def _data_event(payload: str) -> Message:
+    lines = payload.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    body = "event: data\n" + "".join(f"data: {line}\n" for line in lines) + "\n"
+    return {"type": "http.response.body", "body": body.encode(), "more_body": True}
+
+
+def _event(name: str, value: object, *, more: bool) -> Message:
+    body = f"event: {name}\ndata: {json.dumps(value, separators=(',', ':'))}\n\n"
+    return {"type": "http.response.body", "body": body.encode(), "more_body": more}
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers") or ():
+        if bytes(key).lower() == name:
+            return bytes(value)
+    return None
