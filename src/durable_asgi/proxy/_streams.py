@@ -210,7 +210,8 @@ class StreamReader:
             await self._sse(stream_id, info, offset, query, receive, send, extra)
             return
         info, data = await self._read(stream_id, offset)
-        if not data and not info.finished and query.live == "long-poll":
+        if not data and query.live == "long-poll":
+            # A closed stream at its tail answers at once (base protocol 5.7).
             info, data = await self._long_poll(stream_id, info, offset)
             if not data:
                 await self._respond(204, info, offset, offset, query, extra, b"", send)
