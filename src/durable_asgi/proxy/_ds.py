@@ -30,7 +30,7 @@ from .._request import DurableRequest, header
 from .._types import Message, Receive, Scope, Send
 from ..exceptions import BadRequest, ClientDisconnected, StoreError, StoreFull
 from ..stores._base import Lease, stream_id
-from ._streams import ReadError, StreamReader, error_body
+from ..streams import ReadError, StreamReader, error_body
 from ._upstream import UpstreamError
 from ._url import Upstream, request_target
 

@@ -1,4 +1,4 @@
-"""The Durable Streams read protocol, once, for any stream in the store.
+"""`durable_asgi.streams`: the Durable Streams read protocol, once, for any stream in the store.
 
 ``PROTOCOL.md`` sections 5.5-5.8 of `durable-streams/durable-streams`: catch-up reads,
 ``live=long-poll`` and ``live=sse``, ``HEAD``, over a stream the engine produced — a proxied
@@ -22,20 +22,24 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qs
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote
 
 import anyio
 
-from .._reader import READ_SIZE, until_disconnect, wait_for_head
-from .._types import Message, Receive, Scope, Send
-from ..exceptions import StoreError
-from ..stores._base import Store, StreamInfo, effective
+from ._reader import READ_SIZE, until_disconnect, wait_for_head
+from ._types import Message, Receive, Scope, Send
+from .exceptions import StoreError
+from .stores._base import Store, StreamInfo, effective, stream_id
+
+if TYPE_CHECKING:
+    from ._middleware import DurableMiddleware
 
 __all__ = [
     "CURSOR_INTERVAL",
     "ReadError",
     "StreamReader",
+    "StreamsApp",
     "decode_offset",
     "encode_offset",
     "error_body",
@@ -387,3 +391,93 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if bytes(key).lower() == name:
             return bytes(value)
     return None
+
+
+class StreamsApp:
+    """The read protocol for the streams a `DurableMiddleware` produces: an ASGI app to mount
+    beside it, so any Durable Streams client can read a stream a FastAPI, Starlette or Django
+    handler produced.
+
+    A stream is named by its namespace and key (and owner): the read URL is
+    ``{mount}/{quote(namespace)}/{quote(key)}``, each one URL-encoded path segment (``/`` as
+    ``%2F``). With ``namespace=`` (or the middleware's own ``namespace``) it is
+    ``{mount}/{quote(key)}``. When the middleware binds streams to an owner, the owner is
+    resolved from the *read* request by the same extractor (the same cookie or header the
+    producing request carried): another owner's stream is a 404, as under the middleware.
+    Only ``GET`` and ``HEAD`` are served; nothing here writes, aborts or deletes.
+
+    Example::
+
+        app = DurableMiddleware(api, namespace="chat", owner=lambda r: r.headers["x-user"])
+        streams = StreamsApp(app)   # mount at /streams: GET /streams/{key}?offset=-1&live=sse
+
+    Args:
+        middleware: the middleware whose store and options (owner, poll interval) apply.
+        namespace: the namespace read (default: the middleware's; None: it is in the URL).
+        long_poll_timeout: seconds a long-poll waits before ``204``.
+    """
+
+    def __init__(
+        self,
+        middleware: DurableMiddleware,
+        *,
+        namespace: str | None = None,
+        long_poll_timeout: float = 30.0,
+    ) -> None:
+        self.middleware = middleware
+        self.namespace = namespace if namespace is not None else middleware.options.namespace
+        self.long_poll_timeout = long_poll_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        from ._request import DurableRequest
+        from .keys import resolve
+
+        method = scope["method"]
+        try:
+            if method not in ("GET", "HEAD"):
+                raise ReadError(405, "METHOD_NOT_ALLOWED", "the stream read API is GET and HEAD")
+            options = self.middleware.options
+            owner = None
+            if options.owner is not None:
+                owner = await resolve(
+                    options.owner, DurableRequest(scope, receive, options.max_request_body)
+                )
+            sid = stream_id(*self._name(scope), owner)
+            await self.middleware.engine.ensure_open()
+            reader = StreamReader(
+                self.middleware.store,
+                poll=options.poll_interval,
+                long_poll_timeout=self.long_poll_timeout,
+            )
+            if method == "HEAD":
+                await reader.head(sid, send)
+            else:
+                await reader.get(sid, scope, receive, send)
+        except ReadError as exc:
+            body = error_body(exc.code, exc.message)
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+            ]
+            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+    def _name(self, scope: Scope) -> tuple[str, str]:
+        """(namespace, key) of the request's path below the mount point."""
+        raw = bytes(scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        raw = raw.split("?", 1)[0]
+        root: str = scope.get("root_path", "") or ""
+        if root:
+            depth = root.rstrip("/").count("/")
+            parts = raw.split("/", depth + 1)
+            raw = "/" + parts[depth + 1] if len(parts) > depth + 1 else ""
+        segments = [unquote(part) for part in raw.strip("/").split("/")] if raw.strip("/") else []
+        if self.namespace is not None and len(segments) == 1:
+            return self.namespace, segments[0]
+        if self.namespace is None and len(segments) == 2:
+            return segments[0], segments[1]
+        shape = "/{key}" if self.namespace is not None else "/{namespace}/{key}"
+        raise ReadError(404, "STREAM_NOT_FOUND", f"read streams at {shape} (URL-encoded)")
