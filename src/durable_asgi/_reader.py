@@ -26,7 +26,7 @@ from ._protocol import SSEIds, is_event_stream, replay_headers, send_json
 from ._tasks import DONE, Beside, finish, step
 from ._types import Message, Receive, Send
 from .exceptions import StoreError
-from .stores._base import Headers, State, Store, StreamInfo
+from .stores._base import Headers, State, Store, StreamInfo, effective
 
 __all__ = [
     "READ_SIZE",
@@ -201,8 +201,9 @@ class LiveClient:
 
 
 async def wait_for_head(store: Store, info: StreamInfo, poll: float) -> StreamInfo | None:
-    """Wait until the stream's response head is stored (or it ended without one)."""
-    while info.status_code is None and not info.finished:
+    """Wait until the stream's response head is stored (or it ended without one: a producer
+    that died before it ends once its lease ran out, so this never waits forever)."""
+    while info.status_code is None and not effective(info).finished:
         await store.wait(info, poll)
         latest = await store.info(info.id)
         if latest is None or latest.generation != info.generation:

@@ -89,6 +89,10 @@ async def test_a_dead_producer_ends_failed_for_readers(tmp_path: Path) -> None:
             assert isinstance(lease, Lease)
             await dead.start(lease, 200, ((b"content-type", b"text/plain"),))
             await dead.append(lease, b"partial", chunks=1)
+            headless = str(uuid.uuid4())  # died before its head was stored
+            assert isinstance(
+                await dead.claim(stream_id(NAMESPACE, headless), lease_seconds=0.5), Lease
+            )
         finally:
             await dead.close()  # the "worker" is gone; nobody renews the lease
         url = f"{server.url}/v1/proxy/{stream}"
@@ -107,6 +111,9 @@ async def test_a_dead_producer_ends_failed_for_readers(tmp_path: Path) -> None:
         async with httpx.AsyncClient() as client:
             head = await client.head(url, headers=AUTH)
         assert head.headers["durable-state"] == "failed"
+        with anyio.fail_after(15):
+            body, last = await read_all(f"{server.url}/v1/proxy/{headless}?secret={SECRET}")
+        assert body == b"" and last.headers["durable-state"] == "failed"
 
 
 async def _chat(scope: Any, receive: Any, send: Any) -> None:
