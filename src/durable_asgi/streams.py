@@ -151,6 +151,8 @@ class StreamReader:
         sse_reconnect: seconds after which an SSE response ends (clients reconnect from the
             last offset: base protocol 5.8, for CDN collapsing).
         max_chunk: bytes at most per catch-up response.
+        upstream_content_type: also send the stream's content type as
+            ``Upstream-Content-Type`` (the proxy protocol's header).
     """
 
     def __init__(
@@ -161,8 +163,10 @@ class StreamReader:
         long_poll_timeout: float = 30.0,
         sse_reconnect: float = 60.0,
         max_chunk: int = READ_SIZE,
+        upstream_content_type: bool = False,
     ) -> None:
         self.store = store
+        self.upstream_content_type = upstream_content_type
         self.poll = poll
         self.long_poll_timeout = long_poll_timeout
         self.sse_reconnect = sse_reconnect
@@ -183,6 +187,7 @@ class StreamReader:
         """``HEAD``: the tail offset, closure, state and content type."""
         info = await self.info(stream_id)
         headers = [
+            *self._upstream(info),
             (b"content-type", content_type(info)),
             (b"stream-next-offset", encode_offset(info.offset).encode()),
             (b"durable-state", info.state.encode()),
@@ -209,7 +214,7 @@ class StreamReader:
         query = Query.of(scope)
         info = await self.info(stream_id)
         offset = decode_offset(query.offset or "-1", info.offset)
-        extra = list(extra)
+        extra = [*extra, *self._upstream(info)]
         if query.live == "sse":
             await self._sse(stream_id, info, offset, query, receive, send, extra)
             return
@@ -229,6 +234,14 @@ class StreamReader:
             await self._respond(304, info, offset, end, query, extra, b"", send, etag)
             return
         await self._respond(200, info, offset, end, query, extra, data, send, etag)
+
+    def _upstream(self, info: StreamInfo) -> list[tuple[bytes, bytes]]:
+        if not self.upstream_content_type:
+            return []
+        for name, value in info.headers or ():
+            if name.lower() == b"content-type":
+                return [(b"upstream-content-type", value)]
+        return []
 
     async def _read(self, stream_id: str, offset: int) -> tuple[StreamInfo, bytes]:
         info, data = await self.store.read(stream_id, offset, self.max_chunk)

@@ -64,6 +64,7 @@ async def test_create_then_catch_up_read(serve: Serve) -> None:
         body, last = await read_all(location)
         assert body == sse_body(5)
         assert last.headers["durable-state"] == "complete"
+        assert last.headers["upstream-content-type"].startswith("text/event-stream")
         assert s.origin.calls["/sse"] == 1
 
 
@@ -75,6 +76,7 @@ async def test_sse_read(serve: Serve) -> None:
             url = httpx.URL(location).copy_merge_params({"offset": "-1", "live": "sse"})
             response = await client.get(url)
         assert response.headers["content-type"] == "text/event-stream"
+        assert response.headers["upstream-content-type"].startswith("text/event-stream")
         events = _events(response.text)
         data = "".join(v for k, v in events if k == "data")
         assert data.encode() == sse_body(5)

@@ -111,7 +111,10 @@ class DurableStreams:
         self.body_timeout = body_timeout
         options = proxy.middleware.options
         self.reader = StreamReader(
-            proxy.store, poll=options.poll_interval, long_poll_timeout=long_poll_timeout
+            proxy.store,
+            poll=options.poll_interval,
+            long_poll_timeout=long_poll_timeout,
+            upstream_content_type=True,
         )
 
     def stream_id(self, stream: str) -> str:
@@ -344,10 +347,10 @@ class DurableStreams:
         sid = self.stream_id(stream)
         if method == "GET":
             self._signature_auth(scope, stream, fallback=True)
-            await self.reader.get(sid, scope, receive, send, await self._extra(sid))
+            await self.reader.get(sid, scope, receive, send)
         elif method == "HEAD":
             self._service_auth(scope)
-            await self.reader.head(sid, send, await self._extra(sid))
+            await self.reader.head(sid, send)
         elif method == "PATCH":
             self._signature_auth(scope, stream, fallback=False)
             action = _query(scope).get("action")
@@ -363,13 +366,6 @@ class DurableStreams:
             await _empty(send, 204)
         else:
             raise _Error(405, "METHOD_NOT_ALLOWED", f"{method} is not served on a stream")
-
-    async def _extra(self, sid: str) -> list[tuple[bytes, bytes]]:
-        info = await self.proxy.store.info(sid)
-        for name, value in (info.headers if info is not None else None) or ():
-            if name.lower() == b"content-type":
-                return [(b"upstream-content-type", value)]
-        return []
 
 
 def is_route(route: str) -> bool:
