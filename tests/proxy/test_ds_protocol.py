@@ -498,3 +498,30 @@ async def test_larger_than_max_response_bytes_fails(serve: Serve) -> None:
         body, last = await read_all(location)
         assert len(body) <= 100
         assert last.headers["durable-state"] == "failed"
+
+
+async def test_mounted_in_a_host_app(serve: Serve) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from durable_asgi.proxy import DurableProxy
+
+    def mount(proxy: DurableProxy) -> Starlette:
+        return Starlette(routes=[Mount("/x", app=proxy)], lifespan=proxy.lifespan)
+
+    with serve(secret=SECRET, mount=mount) as s:
+        async with httpx.AsyncClient() as client:
+            created = await client.post(
+                f"{s.url}/x/v1/proxy",
+                params={"secret": SECRET},  # as the reference client sends it
+                headers={"Upstream-URL": s.upstream + "/sse?n=3", "Upstream-Method": "GET"},
+            )
+        assert created.status_code == 201, created.text
+        location = created.headers["location"]
+        assert location.startswith(f"{s.url}/x/v1/proxy/")
+        body, last = await read_all(location)
+        assert body == sse_body(3) and last.headers["durable-state"] == "complete"
+        # mode 1 still answers beside it
+        async with httpx.AsyncClient() as client:
+            df = await client.get(f"{s.url}/x" + s.path("/sse?n=2"))
+        assert df.content == sse_body(2)
