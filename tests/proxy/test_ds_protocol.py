@@ -525,3 +525,11 @@ async def test_mounted_in_a_host_app(serve: Serve) -> None:
         async with httpx.AsyncClient() as client:
             df = await client.get(f"{s.url}/x" + s.path("/sse?n=2"))
         assert df.content == sse_body(2)
+
+
+async def test_upstream_garbage_after_its_head_closes_as_failed(serve: Serve) -> None:
+    with serve(secret=SECRET) as s:
+        created = await create(s, "/garbage")  # claims gzip, isn't
+        assert created.status_code == 201
+        body, last = await read_all(created.headers["location"])
+        assert body == b"" and last.headers["durable-state"] == "failed"
