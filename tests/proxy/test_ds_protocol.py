@@ -217,6 +217,18 @@ async def test_create_errors(serve: Serve) -> None:
                 content=b"x" * ((1 << 20) + 1),
             )
             assert response.status_code == 413
+            # oversized headers: never sent upstream
+            response = await client.post(
+                url,
+                headers={
+                    **AUTH,
+                    "Upstream-URL": up + "/echo",
+                    "Upstream-Method": "GET",
+                    "X-Big": "a" * (40 << 10),
+                },
+            )
+            assert (response.status_code, error(response)) == (431, "REQUEST_HEADERS_TOO_LARGE")
+            assert s.origin.calls["/echo"] == 0
         # Nothing was stored for any of them.
         assert [info async for info in s.proxy.store.scan()] == []
 

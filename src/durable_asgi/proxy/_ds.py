@@ -51,6 +51,8 @@ NAMESPACE = "durable-streams-proxy"
 """The store namespace of mode 2's streams (ids are server-made UUIDs)."""
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+MAX_HEADER_BYTES = 32 << 10
+"""Request header bytes at most (names and values): more is ``431`` (never sent upstream)."""
 MAX_ERROR_BODY = 64 << 10
 """Bytes of an upstream error body relayed in a 502 (the rest is dropped)."""
 
@@ -126,6 +128,13 @@ class DurableStreams:
         method: str = scope["method"]
         rest = route[len(BASE_PATH) :]
         try:
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > MAX_HEADER_BYTES:
+                raise _Error(
+                    431,
+                    "REQUEST_HEADERS_TOO_LARGE",
+                    f"request headers over {MAX_HEADER_BYTES} bytes",
+                )
             if method == "OPTIONS":
                 await _empty(send, 204)
             elif rest in ("", "/"):
