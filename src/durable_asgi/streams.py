@@ -19,6 +19,7 @@ import base64
 import contextlib
 import json
 import math
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ __all__ = [
 
 CURSOR_INTERVAL = 20.0
 """Seconds per cursor interval (``Stream-Cursor``, base protocol section 10.1)."""
+
+CURSOR_EPOCH = 1728432000.0
+"""2024-10-09T00:00:00Z, the cursor intervals' epoch (base protocol 10.1)."""
 
 _OFFSET_WIDTH = 16
 
@@ -105,13 +109,16 @@ def is_text(ctype: bytes) -> bool:
 
 
 def next_cursor(client: str | None, now: float | None = None) -> str:
-    """The cursor to answer (base protocol 10.1): the current interval number, or, when the
-    client's cursor is at or past it, one more than the client's (never the same twice)."""
-    current = math.floor((time.time() if now is None else now) / CURSOR_INTERVAL)
+    """The cursor to answer (base protocol 10.1): the number of 20-second intervals since
+    2024-10-09T00:00:00Z, or, when the client's cursor is at or past it, the client's plus
+    1-3600 seconds' worth of intervals (random jitter): never the same twice, never back."""
+    elapsed = (time.time() if now is None else now) - CURSOR_EPOCH
+    current = math.floor(elapsed / CURSOR_INTERVAL)
     if client is not None and client.isdigit() and client.isascii():
         sent = int(client)
         if sent >= current:
-            return str(sent + 1)
+            jitter = secrets.randbelow(3600) + 1
+            return str(sent + max(1, math.ceil(jitter / CURSOR_INTERVAL)))
     return str(current)
 
 
@@ -285,10 +292,15 @@ class StreamReader:
             headers.append((b"stream-closed", b"true"))
         else:
             headers.append((b"stream-cursor", next_cursor(query.cursor).encode()))
-        if etag is not None:
+        if etag is not None and query.offset != "now":  # no ETag for offset=now (10.1)
             headers.append((b"etag", etag))
-        # A closed stream's ranges never change; an open one's tail does.
-        cache = b"public, max-age=60" if closed or end < info.offset else b"no-cache"
+        # A closed stream's ranges never change; an open one's tail does. Private: a proxied
+        # answer is usually one user's.
+        cache = (
+            b"private, max-age=60, stale-while-revalidate=300"
+            if closed or end < info.offset
+            else b"no-cache"
+        )
         headers.append((b"cache-control", cache if query.live is None else b"no-cache"))
         if status == 200:
             headers.append((b"content-length", str(len(body)).encode()))

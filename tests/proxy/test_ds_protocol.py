@@ -545,3 +545,13 @@ async def test_upstream_garbage_after_its_head_closes_as_failed(serve: Serve) ->
         assert created.status_code == 201
         body, last = await read_all(created.headers["location"])
         assert body == b"" and last.headers["durable-state"] == "failed"
+
+
+@pytest.mark.parametrize("store", ["memory"], indirect=True)
+async def test_cursor_rule(store: Any) -> None:
+    from durable_asgi.streams import CURSOR_EPOCH, next_cursor
+
+    assert next_cursor(None, now=CURSOR_EPOCH + 45) == "2"
+    assert next_cursor("1", now=CURSOR_EPOCH + 45) == "2"  # behind: the current interval
+    for _ in range(20):  # at or ahead: strictly more, by at most 3600 s of intervals
+        assert 3 <= int(next_cursor("2", now=CURSOR_EPOCH + 45)) <= 2 + 180
