@@ -96,8 +96,16 @@ def decode_offset(token: str, tail: int) -> int:
 
 
 def content_type(info: StreamInfo) -> bytes:
+    """The stream's content type as reads declare it: the stored response's, except that
+    ``text/event-stream`` is declared ``text/plain`` (parameters kept). The official clients
+    take a ``text/event-stream`` response for the protocol's own SSE framing (``live=sse``), so
+    they would parse a catch-up or long-poll body of SSE *bytes* as events and lose it. The
+    bytes are unchanged; ``Upstream-Content-Type`` still names the original."""
     for name, value in info.headers or ():
         if name.lower() == b"content-type":
+            media, sep, params = value.partition(b";")
+            if media.strip().lower() == b"text/event-stream":
+                return b"text/plain" + sep + params
             return value
     return b"application/octet-stream"
 

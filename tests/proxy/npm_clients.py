@@ -36,7 +36,7 @@ NODE_DIR = Path(__file__).with_name("node")
 """The npm project: package.json pins the real clients, package-lock.json the rest."""
 
 #: What the npm project must have installed (``npm ci``).
-PACKAGES = ("durablefetch", "ai", "esbuild")
+PACKAGES = ("durablefetch", "ai", "esbuild", "@durable-streams/client")
 
 
 def require_node() -> str:

@@ -65,6 +65,8 @@ async def test_create_then_catch_up_read(serve: Serve) -> None:
         assert body == sse_body(5)
         assert last.headers["durable-state"] == "complete"
         assert last.headers["upstream-content-type"].startswith("text/event-stream")
+        # never text/event-stream on a catch-up: clients would take the bytes for SSE framing
+        assert last.headers["content-type"].startswith("text/plain")
         assert s.origin.calls["/sse"] == 1
 
 
