@@ -3,6 +3,7 @@
     python bench/proxy.py                    # 3 rounds; pass-through, memory, sqlite, redis
     python bench/proxy.py --quick            # 1 round
     python bench/proxy.py --stores memory --rounds 5 --json out.json
+    python bench/proxy.py --mode 2           # the Durable Streams front door (/v1/proxy)
 
 A local upstream (``bench/proxy_app.py``, its own uvicorn process) sends 200 SSE events of 40
 bytes, one every 10 ms. 100 sessions, started 10 ms apart (``--ramp``, so that at most ~1 s
@@ -15,6 +16,11 @@ bench/run.py) serving:
 - ``memory`` / ``sqlite`` / ``redis``: `DurableProxy` on that store (a fresh SQLite file per
   server; Redis: ``--redis URL``, else a private ``redis-server`` on a free port, as
   bench/load.py starts it).
+
+With ``--mode 2`` the durable variants are driven through the Durable Streams proxy protocol
+instead: each session ``POST``s ``/v1/proxy`` for its URL, then reads the stream from its start
+with ``live=sse`` to its close; its TTFB runs from the POST to the first SSE byte, its body is
+the ``data`` events' payload, checked byte for byte, and there is no joiner phase.
 
 Measured per variant, in each round (fresh servers, in a rotating order):
 
@@ -56,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from load import redis_server, wait_port
-from proxy_app import events_body
+from proxy_app import SECRET, events_body
 from run import (
     Result,
     Server,
@@ -153,16 +159,57 @@ async def connect(client: TimedClient, port: int) -> None:
         client.done.set_result(None)
 
 
+def sse_data(body: bytes) -> bytes:
+    """The payload of a Durable Streams SSE read: its ``data`` events' lines, rejoined."""
+    out = []
+    for block in body.split(b"\n\n"):
+        lines = block.split(b"\n")
+        if lines and lines[0] == b"event: data":
+            out.append(b"\n".join(line[6:] for line in lines[1:] if line.startswith(b"data: ")))
+    return b"".join(out)
+
+
+async def create_and_read(port: int, target: str) -> TimedClient:
+    """Mode 2: ``POST /v1/proxy`` for `target`, then an SSE read of the stream from its start
+    (``live=sse`` to its close); the client's body is made the payload, its time to first byte
+    counts from the POST."""
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    create = StreamClient(
+        f"POST /v1/proxy HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {SECRET}\r\n"
+        f"Upstream-URL: {target}\r\nUpstream-Method: GET\r\nContent-Length: 0\r\n"
+        "Connection: close\r\n\r\n".encode(),
+        loop.create_future(),
+    )
+    await loop.create_connection(lambda: create, "127.0.0.1", port)
+    await create.done
+    location = create.headers.get(b"location", b"").decode()
+    if b" 201 " not in create.status or not location:
+        failed = TimedClient("/", loop)
+        failed.error = f"create: {create.status!r} {create.body[:200]!r}"
+        return failed
+    path = "/" + location.split("://", 1)[-1].split("/", 1)[1]
+    reader = TimedClient(f"{path}&offset=-1&live=sse", loop)
+    reader.started = started
+    await connect(reader, port)
+    await reader.done
+    reader.body = sse_data(reader.body)
+    return reader
+
+
 async def sessions(
-    port: int, upstream_port: int, n: int, ramp: float, join: bool
+    port: int, upstream_port: int, n: int, ramp: float, join: bool, mode: int = 1
 ) -> list[tuple[TimedClient, TimedClient | None]]:
     """`n` sessions, `ramp` s apart, each fetching a URL of its own (and, with `join`, a second
-    request for it once the first is half-way)."""
+    request for it once the first is half-way); in `mode` 2, each creates a stream and reads
+    it with SSE."""
     loop = asyncio.get_running_loop()
 
     async def one(i: int) -> tuple[TimedClient, TimedClient | None]:
         await asyncio.sleep(i * ramp)
         path = f"/127.0.0.1:{upstream_port}/sse?n={EVENTS}&pace={PACE}&s={uuid.uuid4().hex}"
+        if mode == 2:
+            return await create_and_read(port, "http:/" + path), None
         first = TimedClient(path, loop)
         await connect(first, port)
         joiner = None
@@ -223,17 +270,18 @@ def run_round(
     out.cpu.expected = EVENTS * args.sessions
     upstream_port = upstream.port
     # Warm up: imports, the upstream connection pool, the store's schema.
-    loop.run_until_complete(sessions(server.port, upstream_port, 5, 0.0, join=False))
+    mode = args.mode if durable else 1
+    loop.run_until_complete(sessions(server.port, upstream_port, 5, 0.0, join=False, mode=mode))
 
     calls = upstream_calls(upstream_port)
     upstream_cpu = cpu_seconds(upstream.pid)
     with window(server, out.cpu):
         results = loop.run_until_complete(
-            sessions(server.port, upstream_port, args.sessions, args.ramp, join=False)
+            sessions(server.port, upstream_port, args.sessions, args.ramp, join=False, mode=mode)
         )
     out.upstream_cpu = cpu_seconds(upstream.pid) - upstream_cpu
     for i, (first, _) in enumerate(results):
-        units, failure = check(first, EXPECTED, EVENT_BYTES, durable)
+        units, failure = check(first, EXPECTED, EVENT_BYTES, durable and mode == 1)
         out.cpu.units += units
         if failure:
             out.failures.append(f"session {i + 1}: {failure}")
@@ -243,7 +291,7 @@ def run_round(
     if len(results) != args.sessions or made != args.sessions:
         out.failures.append(f"{len(results)} sessions ended, the upstream ran {made} times")
 
-    if durable:
+    if durable and mode == 1:
         calls = upstream_calls(upstream_port)
         results = loop.run_until_complete(
             sessions(server.port, upstream_port, args.sessions, args.ramp, join=True)
@@ -354,6 +402,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--http", default="httptools", choices=("httptools", "h11"), help="uvicorn's --http"
     )
     parser.add_argument("--redis", default=os.environ.get("REDIS_URL"), help="a Redis URL")
+    parser.add_argument(
+        "--mode",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="the durable variants' front door: 1 durablefetch (GET by URL, and joiners), "
+        "2 the Durable Streams proxy protocol (POST /v1/proxy, then an SSE read)",
+    )
     parser.add_argument("--json", help="also write every result to this file")
     args = parser.parse_args(argv)
     args.stores = [s for s in args.stores.split(",") if s]
@@ -415,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     loop_name = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     setup = (
         f"uvicorn --http {args.http}, 1 worker, {loop_name} loop, the upstream in another "
-        f"uvicorn process; client: this process, asyncio raw sockets; {os.cpu_count()} CPUs"
+        f"uvicorn process; client: this process, asyncio raw sockets; {os.cpu_count()} CPUs; "
+        f"durable variants through mode {args.mode}"
     )
     print_table(results, args, setup)
     print(f"\n{time.monotonic() - started:.0f} s in all.")

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 VARIANT = os.environ.get("PROXY_VARIANT", "upstream")
+SECRET = "bench-secret"
 UPSTREAM = os.environ.get("PROXY_UPSTREAM", "http://127.0.0.1:8001")
 PAD = b"x" * 19
 
@@ -105,7 +106,8 @@ def durable_app(store_url: str) -> Any:
     from durable_asgi import store_from_url
     from durable_asgi.proxy import DurableProxy
 
-    return DurableProxy(allow=[f"{UPSTREAM}/**"], store=store_from_url(store_url))
+    # The secret turns on mode 2 (the Durable Streams proxy protocol, /v1/proxy) beside mode 1.
+    return DurableProxy(allow=[f"{UPSTREAM}/**"], store=store_from_url(store_url), secret=SECRET)
 
 
 if VARIANT == "upstream":
