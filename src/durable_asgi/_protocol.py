@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from ._request import header
-from ._types import Send
+from ._types import Message, Send
 from .exceptions import BadRequest
 
 __all__ = [
@@ -231,3 +231,22 @@ def _event_end(buffer: bytes, start: int) -> tuple[int, bytes] | None:
 def _has_fields(event: bytes) -> bool:
     """Whether an event has any field line (not only comments), i.e. deserves an id."""
     return any(line and not line.startswith(b":") for line in re.split(rb"\r\n|\n|\r", event))
+
+
+def with_headers(
+    send: Send, headers: Sequence[tuple[bytes, bytes]], replace: tuple[bytes, ...]
+) -> Send:
+    """`send`, adding `headers` to every response head in place of those the app set whose
+    lower-case name starts with one of `replace` (a front door's CORS headers, say)."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            kept = [
+                (name, value)
+                for name, value in message.get("headers") or ()
+                if not bytes(name).lower().startswith(replace)
+            ]
+            message = {**message, "headers": [*kept, *headers]}
+        await send(message)
+
+    return sending

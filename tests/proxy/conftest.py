@@ -23,6 +23,7 @@ from durable_asgi import MemoryStore, SQLiteStore, Store
 from durable_asgi._types import ASGIApp
 from durable_asgi.proxy import DurableProxy
 
+from ..support.browser import launched_chromium
 from ..support.servers import running_server
 from ..support.stores import Ids, redis_factory
 from ..support.tls import Certificates, make_certificates
@@ -48,6 +49,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
             yield make()
         finally:
             clean()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (the browser tests'), once per module."""
+    with launched_chromium() as chromium:
+        yield chromium
 
 
 @pytest.fixture(scope="session")

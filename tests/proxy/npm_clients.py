@@ -30,7 +30,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from ..support.stores import in_ci
 
-__all__ = ["NODE_DIR", "Answer", "DurableFetch", "npm_bin", "require_node"]
+__all__ = ["NODE_DIR", "Answer", "DurableFetch", "bundle", "npm_bin", "require_node"]
 
 NODE_DIR = Path(__file__).with_name("node")
 """The npm project: package.json pins the real clients, package-lock.json the rest."""
@@ -61,6 +61,16 @@ def require_node() -> str:
 def npm_bin(name: str) -> str:
     """A command an npm package of the project installed (``node_modules/.bin``)."""
     return str(NODE_DIR / "node_modules" / ".bin" / name)
+
+
+def bundle(entry: str, out_dir: Path) -> Path:
+    """`entry` (a module of ``node/``) and the npm packages it imports, bundled for the
+    browser by the project's esbuild into `out_dir`."""
+    require_node()
+    out = out_dir / f"{Path(entry).stem}.js"
+    command = [npm_bin("esbuild"), entry, "--bundle", "--format=esm", f"--outfile={out}"]
+    subprocess.run([*command, "--log-level=warning"], cwd=NODE_DIR, check=True, timeout=120)
+    return out
 
 
 @dataclass(frozen=True)

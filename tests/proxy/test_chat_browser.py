@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,11 +29,10 @@ from examples.common.model import answer_for
 from durable_asgi import SQLiteStore
 from durable_asgi.proxy import DurableProxy
 
-from ..support.browser import launched_chromium
 from ..support.servers import running_server
 from ..support.tls import Certificates
 from .chat_upstream import ChatApp
-from .npm_clients import NODE_DIR, npm_bin, require_node
+from .npm_clients import bundle as npm_bundle
 
 TIMEOUT_MS = 15_000
 MESSAGE = "Does the answer survive a reload through the proxy?"
@@ -45,18 +43,7 @@ BEFORE_PAUSE = " ".join(ANSWER.split(" ")[:PAUSE_AT])
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``node/chat.mjs`` and the npm packages it imports, bundled for the browser."""
-    require_node()
-    out = tmp_path_factory.mktemp("bundle") / "chat.js"
-    command = [npm_bin("esbuild"), "chat.mjs", "--bundle", "--format=esm", f"--outfile={out}"]
-    subprocess.run([*command, "--log-level=warning"], cwd=NODE_DIR, check=True, timeout=120)
-    return out
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with launched_chromium() as chromium:
-        yield chromium
+    return npm_bundle("chat.mjs", tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture

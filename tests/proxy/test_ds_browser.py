@@ -6,8 +6,6 @@ test skips, except with ``CI=true``, where it fails."""
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +15,9 @@ from starlette.applications import Starlette
 from starlette.responses import FileResponse, HTMLResponse
 from starlette.routing import Route
 
-from ..support.browser import launched_chromium
 from ..support.servers import running_server
 from .harness import Serve
-from .npm_clients import NODE_DIR, npm_bin, require_node
+from .npm_clients import bundle as npm_bundle
 from .upstream import sse_body
 
 SECRET = "browser-secret"
@@ -30,17 +27,7 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>answer</title>
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require_node()
-    out = tmp_path_factory.mktemp("bundle") / "ds_chat.js"
-    command = [npm_bin("esbuild"), "ds_chat.mjs", "--bundle", "--format=esm", f"--outfile={out}"]
-    subprocess.run([*command, "--log-level=warning"], cwd=NODE_DIR, check=True, timeout=120)
-    return out
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with launched_chromium() as chromium:
-        yield chromium
+    return npm_bundle("ds_chat.mjs", tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)

@@ -26,8 +26,9 @@ from urllib.parse import parse_qs, quote
 import anyio
 
 from .._producer import Producer
+from .._protocol import with_headers
 from .._request import DurableRequest, header
-from .._types import Message, Receive, Scope, Send
+from .._types import Receive, Scope, Send
 from ..exceptions import BadRequest, ClientDisconnected, StoreError, StoreFull
 from ..stores._base import Lease, stream_id
 from ..streams import ReadError, StreamReader, error_body
@@ -420,14 +421,5 @@ async def _send_error(
 
 
 def _with_cors(send: Send) -> Send:
-    async def send_with_cors(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers = [
-                (name, value)
-                for name, value in message.get("headers") or ()
-                if not bytes(name).lower().startswith(b"access-control-")
-            ]
-            message = {**message, "headers": [*headers, *_CORS]}
-        await send(message)
-
-    return send_with_cors
+    """`send`, with the protocol's CORS headers on every response head."""
+    return with_headers(send, _CORS, (b"access-control-",))

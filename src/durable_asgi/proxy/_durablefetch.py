@@ -37,9 +37,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from .._protocol import send_json
+from .._protocol import send_json, with_headers
 from .._request import DurableRequest
-from .._types import Message, Receive, Scope, Send
+from .._types import Receive, Scope, Send
 from ..exceptions import BadRequest, ClientDisconnected, StoreError
 from ..keys import Key
 from ._upstream import UpstreamError
@@ -160,17 +160,8 @@ async def _redirect(send: Send, location: str) -> None:
 
 def _with_cors(send: Send) -> Send:
     """`send`, with durablefetch's CORS headers and no-store on every response head."""
-
-    async def send_with_cors(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers = [
-                (name, value)
-                for name, value in message.get("headers") or ()
-                if not bytes(name).lower().startswith(b"access-control-")
-                and bytes(name).lower() != b"cache-control"
-            ]
-            headers += [(b"cache-control", b"no-store"), *CORS_HEADERS]
-            message = {**message, "headers": headers}
-        await send(message)
-
-    return send_with_cors
+    return with_headers(
+        send,
+        [(b"cache-control", b"no-store"), *CORS_HEADERS],
+        (b"access-control-", b"cache-control"),
+    )
