@@ -98,11 +98,12 @@ def main() -> None:
                 server = stack.enter_context(
                     proxy.serve(variant, "httptools", f"http://127.0.0.1:{upstream.port}")
                 )
-                options = proxy.parse(["--mode", str(args.mode), "--sessions", str(args.sessions)])
+                n = str(args.sessions)
+                options = proxy.parse(["--mode", str(args.mode), "--sessions", n, "--warm-up", "0"])
                 mode = args.mode if args.proxy != "pass-through" else 1
-                # Warm up before py-spy: imports, the upstream client (its SSL context), pools.
+                # Warmed up before py-spy starts, as bench/proxy.py warms up a round.
                 loop.run_until_complete(
-                    proxy.sessions(server.port, upstream.port, 5, 0, False, mode)
+                    proxy.sessions(server.port, upstream.port, args.sessions, 0, False, mode)
                 )
             else:
                 server = stack.enter_context(run.serve(stores(tmp)[args.store], "httptools"))

@@ -19,15 +19,17 @@ bench/run.py) serving:
   bench/load.py starts it).
 
 With ``--mode 2`` the durable variants are driven through the Durable Streams proxy protocol
-instead: each session ``POST``s ``/v1/proxy`` for its URL, then reads the stream from its start
-with ``live=sse`` to its close; its TTFB runs from the POST to its first ``data`` event, its body is
-the ``data`` events' payload, checked byte for byte, and there is no joiner phase.
+instead: each session ``POST``s ``/v1/proxy`` for its URL, then, on the same keep-alive
+connection, reads the stream from its start with ``live=sse`` to its close; its TTFB runs from
+the POST to its first ``data`` event, its body is the ``data`` events' payload, checked byte
+for byte, and there is no joiner phase.
 ``--reference-url`` adds a ``reference`` row: the same mode-2 workload against another Durable
 Streams proxy already running on this machine (e.g. the reference Node ``@durable-streams/proxy``;
 see docs/proxy.md), with ``--reference-secret`` (default: ours) and its process, for its CPU,
 ``--reference-pid``. It is not restarted between rounds.
 
-Measured per variant, in each round (fresh servers, in a rotating order):
+Measured per variant, in each round (fresh servers, in a rotating order, each warmed up first
+by as many sessions as the round has, all at once: ``--warm-up N`` for fewer):
 
 - server CPU µs/event: utime+stime of the proxy's uvicorn process (``/proc/<pid>/stat``, over
   the sessions' window plus the moment it takes to go quiet) / events delivered; the upstream's
@@ -184,37 +186,54 @@ def sse_data(body: bytes, base64: bool = False) -> bytes:
     return b"".join(out)
 
 
+class CreateAndRead(TimedClient):
+    """Mode 2 on one keep-alive connection, as a client with a connection pool (a browser,
+    fetch, httpx) does it: ``POST /v1/proxy`` for `target`, and once its ``201`` is in, a
+    ``GET`` of its ``Location`` with ``offset=-1&live=sse`` (``Connection: close``), read as a
+    `TimedClient` to the close, its time to first byte counted from the POST to the first
+    ``data`` event (not a control event sent before any data, as the reference does)."""
+
+    def __init__(self, target: str, secret: str, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__("/", loop, first=b"event: data")
+        self.request = (
+            f"POST /v1/proxy HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {secret}\r\n"
+            f"Upstream-URL: {target}\r\nUpstream-Method: GET\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+        self.created: bytes | None = b""  # the 201 so far; None once it is in
+
+    def data_received(self, data: bytes) -> None:
+        if self.created is None:
+            super().data_received(data)
+            return
+        self.created += data
+        end = self.created.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head, self.created = self.created[:end], None
+        location = next(
+            (line[9:].strip() for line in head.split(b"\r\n") if line[:9].lower() == b"location:"),
+            b"",
+        ).decode()
+        assert self.transport is not None
+        if b" 201 " not in head.split(b"\r\n", 1)[0] or not location:
+            self.error = f"create: {head[:300]!r}"
+            self.transport.close()
+            return
+        path = "/" + location.split("://", 1)[-1].split("/", 1)[1]
+        self.transport.write(request(f"{path}&offset=-1&live=sse", None))
+
+
 async def create_and_read(port: int, target: str, secret: str = SECRET) -> TimedClient:
-    """Mode 2: ``POST /v1/proxy`` for `target`, then an SSE read of the stream from its start
-    (``live=sse`` to its close); the client's body is made the payload, its time to first byte
-    counts from the POST to the first ``data`` event (not a control event sent before any data,
-    as the reference does). A base64 body is decoded, with or without
-    ``Stream-SSE-Data-Encoding``: the reference stores every body as
-    ``application/octet-stream``, so its SSE encodes them all, and it drops that header."""
-    loop = asyncio.get_running_loop()
-    started = time.perf_counter()
-    create = StreamClient(
-        f"POST /v1/proxy HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {secret}\r\n"
-        f"Upstream-URL: {target}\r\nUpstream-Method: GET\r\nContent-Length: 0\r\n"
-        "Connection: close\r\n\r\n".encode(),
-        loop.create_future(),
-    )
-    await loop.create_connection(lambda: create, "127.0.0.1", port)
-    await create.done
-    location = create.headers.get(b"location", b"").decode()
-    if b" 201 " not in create.status or not location:
-        failed = TimedClient("/", loop)
-        failed.error = f"create: {create.status!r} {create.body[:200]!r}"
-        return failed
-    path = "/" + location.split("://", 1)[-1].split("/", 1)[1]
-    reader = TimedClient(f"{path}&offset=-1&live=sse", loop, first=b"event: data")
-    reader.started = started
-    await connect(reader, port)
-    await reader.done
-    plain = sse_data(reader.body)  # the workload's payload starts so; its base64 does not
-    encoded = reader.headers.get(b"stream-sse-data-encoding") == b"base64" or plain[:6] != b"data: "
-    reader.body = sse_data(reader.body, base64=True) if encoded else plain
-    return reader
+    """Mode 2: a `CreateAndRead` session; its body is made the SSE read's payload. A base64 body
+    is decoded, with or without ``Stream-SSE-Data-Encoding``: the reference stores every body
+    as ``application/octet-stream``, so its SSE encodes them all, and it drops that header."""
+    client = CreateAndRead(target, secret, asyncio.get_running_loop())
+    await connect(client, port)
+    await client.done
+    plain = sse_data(client.body)  # the workload's payload starts so; its base64 does not
+    encoded = client.headers.get(b"stream-sse-data-encoding") == b"base64" or plain[:6] != b"data: "
+    client.body = sse_data(client.body, base64=True) if encoded else plain
+    return client
 
 
 async def sessions(
@@ -296,10 +315,13 @@ def run_round(
     out = Round()
     out.cpu.expected = EVENTS * args.sessions
     upstream_port = upstream.port
-    # Warm up: imports, the upstream connection pool, the store's schema.
+    # Warm up: imports, the store's schema, the upstream connection pool as large as the
+    # sessions need, the heap grown to their size (a first run pays for new connections and
+    # full garbage collections that a server running for a while does not).
     mode = args.mode if durable else 1
+    warm = args.warm_up if args.warm_up is not None else args.sessions
     loop.run_until_complete(
-        sessions(server.port, upstream_port, 5, 0.0, join=False, mode=mode, secret=secret)
+        sessions(server.port, upstream_port, warm, 0.0, join=False, mode=mode, secret=secret)
     )
 
     calls = upstream_calls(upstream_port)
@@ -427,6 +449,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stores", default=",".join(STORES), help="durable variants")
     parser.add_argument("--sessions", type=int, default=100, help="sessions per round (100)")
     parser.add_argument("--ramp", type=float, default=0.01, help="seconds between session starts")
+    parser.add_argument(
+        "--warm-up", type=int, help="sessions run at once before each round (default: --sessions)"
+    )
     parser.add_argument(
         "--http", default="httptools", choices=("httptools", "h11"), help="uvicorn's --http"
     )
