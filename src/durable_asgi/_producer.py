@@ -179,10 +179,6 @@ class Producer:
     async def wait_done(self) -> None:
         await self._flags[Phase.DONE].wait()
 
-    async def started(self) -> None:
-        """Return once the handler sent its response head (`head`), or ended without one."""
-        await self._flags[Phase.STREAMING].wait()
-
     def stop(self, why: Stop, detail: str = "") -> None:
         """Stop the handler. The first reason stands, except that a revoked lease (deleted,
         lost) wins over any: this producer may not write again, whatever it was doing."""
