@@ -259,6 +259,10 @@ class Producer:
             self._pending()
             if self.client is not None:
                 self.client.start(self._followed(), self.options)
+            elif self._flusher is not None:
+                # Nobody is fed inline (the proxy's mode 2): every reader waits for the stored
+                # head, so it is stored without waiting for the flush window.
+                self._flusher.hurry()
         elif kind == "http.response.body":
             if self.phase is not Phase.STREAMING or self.buffer.closed:
                 return
