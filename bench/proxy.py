@@ -320,9 +320,10 @@ def run_round(
     # full garbage collections that a server running for a while does not).
     mode = args.mode if durable else 1
     warm = args.warm_up if args.warm_up is not None else args.sessions
-    loop.run_until_complete(
-        sessions(server.port, upstream_port, warm, 0.0, join=False, mode=mode, secret=secret)
-    )
+    if warm:
+        loop.run_until_complete(
+            sessions(server.port, upstream_port, warm, 0.0, join=False, mode=mode, secret=secret)
+        )
 
     calls = upstream_calls(upstream_port)
     upstream_cpu = cpu_seconds(upstream.pid)
