@@ -101,7 +101,7 @@ def main() -> None:
                 n = str(args.sessions)
                 options = proxy.parse(["--mode", str(args.mode), "--sessions", n, "--warm-up", "0"])
                 mode = args.mode if args.proxy != "pass-through" else 1
-                # Warmed up before py-spy starts, as bench/proxy.py warms up a round.
+                # Warmed up before py-spy starts, as bench/proxy.py --warm-up N does.
                 loop.run_until_complete(
                     proxy.sessions(server.port, upstream.port, args.sessions, 0, False, mode)
                 )

@@ -29,7 +29,7 @@ see docs/proxy.md), with ``--reference-secret`` (default: ours) and its process,
 ``--reference-pid``. It is not restarted between rounds.
 
 Measured per variant, in each round (fresh servers, in a rotating order, each warmed up first
-by as many sessions as the round has, all at once: ``--warm-up N`` for fewer):
+by 5 sessions at once; ``--warm-up N``: N):
 
 - server CPU µs/event: utime+stime of the proxy's uvicorn process (``/proc/<pid>/stat``, over
   the sessions' window plus the moment it takes to go quiet) / events delivered; the upstream's
@@ -315,11 +315,10 @@ def run_round(
     out = Round()
     out.cpu.expected = EVENTS * args.sessions
     upstream_port = upstream.port
-    # Warm up: imports, the store's schema, the upstream connection pool as large as the
-    # sessions need, the heap grown to their size (a first run pays for new connections and
-    # full garbage collections that a server running for a while does not).
-    mode = args.mode if durable else 1
-    warm = args.warm_up if args.warm_up is not None else args.sessions
+    # Warm up: imports, the store's schema, the upstream connection pool; with --warm-up N as
+    # many sessions as the round has, the heap grown to their size too (a cold run pays for
+    # new connections and full garbage collections that a server running a while does not).
+    mode, warm = (args.mode if durable else 1), args.warm_up
     if warm:
         loop.run_until_complete(
             sessions(server.port, upstream_port, warm, 0.0, join=False, mode=mode, secret=secret)
@@ -451,7 +450,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=100, help="sessions per round (100)")
     parser.add_argument("--ramp", type=float, default=0.01, help="seconds between session starts")
     parser.add_argument(
-        "--warm-up", type=int, help="sessions run at once before each round (default: --sessions)"
+        "--warm-up", type=int, default=5, help="sessions run at once before each round (5)"
     )
     parser.add_argument(
         "--http", default="httptools", choices=("httptools", "h11"), help="uvicorn's --http"
