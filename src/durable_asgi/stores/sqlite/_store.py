@@ -25,6 +25,7 @@ from .._base import (
     StoreError,
     StreamInfo,
     Write,
+    dump_headers,
     effective,
     join,
 )
@@ -41,7 +42,6 @@ from ._schema import (
     OWNED,
     READ,
     SELECT_LIVE_STREAM,
-    dump_headers,
     to_info,
     update_owned,
 )
