@@ -4,11 +4,18 @@ PostgreSQL per session."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
+import anyio
 import pytest
 
-from .support.stores import postgres_server, redis_server
+from .support.stores import (
+    drop_postgres_schema,
+    postgres_schema_url,
+    postgres_server,
+    redis_server,
+)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -28,3 +35,11 @@ def postgres_url() -> str:
     """A PostgreSQL server for the session: ``$POSTGRES_URL``, else 127.0.0.1:5432 database
     ``test`` (skips without one; fails under CI, which must run every store)."""
     return postgres_server()
+
+
+@pytest.fixture
+def postgres_store_url(postgres_url: str) -> Iterator[str]:
+    """A ``postgresql://`` store URL naming a schema of this test's own, dropped after it."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    yield postgres_schema_url(postgres_url, schema)
+    anyio.run(drop_postgres_schema, postgres_url, schema, backend="asyncio")

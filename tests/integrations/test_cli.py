@@ -49,10 +49,18 @@ async def _seed(store: Store, prefix: str) -> None:
         await store.close()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'cli.db'}"
+    elif request.param == "postgres":
+        yield str(request.getfixturevalue("postgres_store_url"))
     else:
         yield str(request.getfixturevalue("redis_url"))
 

@@ -42,6 +42,7 @@ __all__ = [
     "SHARED_BACKENDS",
     "Ids",
     "StoreFactory",
+    "drop_postgres_schema",
     "in_ci",
     "open_stores",
     "postgres_schema_url",

@@ -65,6 +65,8 @@ class Listener:
         #: Bumped at every connect and every loss: a mark from another epoch is stale.
         self.epoch = 0
         self.server_pid: int | None = None
+        #: Set while the connection is up (listening).
+        self.up = asyncio.Event()
         self._counts: dict[str, int] = {}
         self._waiting: dict[str, dict[str, int]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -148,6 +150,7 @@ class Listener:
                 await connection.fetchval(PING)
                 self.server_pid = connection.get_server_pid()
                 self.connected = True
+                self.up.set()
                 self.epoch += 1
                 self._wake_all()  # changes made before LISTEN took effect: re-check
                 while not lost.is_set():
@@ -162,14 +165,24 @@ class Listener:
                 pass
             finally:
                 self.connected = False
+                self.up.clear()
                 self.epoch += 1
                 self.server_pid = None
                 self._wake_all()
                 if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(self._release(connection))
+                    await asyncio.shield(self._let_go(connection))
             if not self._closed:
                 await asyncio.sleep(self.retry)
+
+    async def _let_go(self, connection: Any) -> None:
+        """Stop listening on `connection` (if it is still alive) and give it back."""
+        with contextlib.suppress(Exception):
+            if not connection.is_closed():
+                await asyncio.wait_for(
+                    connection.remove_listener(self.channel, self._on_notification), 5
+                )
+        with contextlib.suppress(Exception):
+            await self._release(connection)
 
 
 def _set(event: asyncio.Event, connection: Any) -> None:

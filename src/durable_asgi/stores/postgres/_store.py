@@ -147,6 +147,15 @@ class PostgresStore:
         """The server process of the ``LISTEN`` connection, while it is up (for operators)."""
         return self._listener.server_pid
 
+    async def listening(self) -> int:
+        """Start listening if not yet, wait until the connection is up; its server process."""
+        self._listener.start()
+        while True:
+            await self._listener.up.wait()
+            pid = self._listener.server_pid
+            if pid is not None:
+                return pid
+
     # -- connections -----------------------------------------------------------------------------
 
     async def open(self) -> None:
