@@ -341,10 +341,33 @@ def run_variant(
         # Warm up (imports, store schema, connections) before measuring.
         warm = argparse.Namespace(**{**vars(args), "streams": 5, "duration": 0.5, "ramp": 0.0})
         client_process(port, warm, resumers=False)
+        base = postgres_url() if variant == "postgres" else None
+        before = postgres_transactions(base) if base else 0
         with Sampler(pid) as sampler:
             result = client_process(port, args, resumers=variant != "bare")
+        if base:  # every statement the store sent, reads included, is one transaction or in one
+            result["db_transactions"] = postgres_transactions(base) - before
     result.update(variant=variant, cpu=sampler.cpu * 100, rss=sampler.peak / 2**20)
     return result
+
+
+def postgres_transactions(url: str) -> int:
+    """Transactions committed in the database so far (``pg_stat_database.xact_commit``)."""
+    import asyncpg
+
+    async def count() -> int:
+        connection = await asyncpg.connect(url)
+        try:
+            await connection.execute("SELECT pg_stat_clear_snapshot()")
+            return int(
+                await connection.fetchval(
+                    "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+                )
+            )
+        finally:
+            await connection.close()
+
+    return asyncio.run(count())
 
 
 def fmt(p: dict[str, float] | None, key: str) -> str:
@@ -373,6 +396,14 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {delivered:.1%} / {resumed} | {r['truncated'] + r['resumer_truncated']} "
             f"| {r['errors']} |"
         )
+    for r in rows:
+        if "db_transactions" in r:
+            per_chunk = r["db_transactions"] / r["expected"] if r["expected"] else 0
+            lines.append(
+                f"\n{r['variant']}: {r['db_transactions']:,} database transactions for "
+                f"{r['expected']:,} chunks ({per_chunk:.3f} per chunk, reads, waits, claims "
+                "and the other clients of the database included)"
+            )
     return "\n".join(lines)
 
 

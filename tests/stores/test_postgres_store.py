@@ -177,7 +177,7 @@ async def test_a_killed_listener_wakes_its_reader_and_comes_back(
         await producer.close()
 
 
-def test_a_batch_is_cut_into_runs_of_one_kind_and_distinct_streams() -> None:
+def test_a_batch_is_cut_into_few_runs_keeping_each_streams_order() -> None:
     ops = [
         Op("append", "a", "t", (b"1", 1)),
         Op("append", "b", "t", (b"1", 1)),
@@ -187,6 +187,9 @@ def test_a_batch_is_cut_into_runs_of_one_kind_and_distinct_streams() -> None:
         Op("finish", "a", "t", ("complete", 60.0, True)),
     ]
     assert _runs(ops) == [[0, 1], [2], [3, 4], [5]]
+    # A flush of new streams: each one's head, then its first chunk: two statements.
+    flush = [Op(kind, sid, "t", ()) for sid in "abcd" for kind in ("start", "append")]
+    assert _runs(flush) == [[0, 2, 4, 6], [1, 3, 5, 7]]
 
 
 async def test_large_appends_are_split_into_segments(postgres_url: str, schema: str) -> None:

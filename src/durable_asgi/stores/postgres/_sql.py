@@ -97,6 +97,14 @@ class Sql:
             f"AND t.lease_expires_at >= {NOW}"
         )
 
+        # The rows of the streams in `w`, locked in id order before any is written: every
+        # multi-row writer (this process's batch writers, other workers') takes the rows it
+        # shares with another in the same order, so none deadlocks on the other.
+        w_locked = (
+            f"(SELECT w.* FROM w JOIN (SELECT id FROM {streams} WHERE id IN (SELECT id FROM w) "
+            "ORDER BY id FOR UPDATE) AS l USING (id)) AS w"
+        )
+
         def notify(changed: str) -> str:
             # One payload per 500 streams (12 hex digits and a space each: under 8,000 bytes).
             return (
@@ -112,7 +120,7 @@ class Sql:
             "AS w(id, token, seconds, replace)), "
             f"c AS (INSERT INTO {streams} AS t ({COLUMNS}) "
             f"SELECT w.id, w.token, 'running', 1, 0, 0, 0, NULL, NULL, {NOW}, {NOW}, NULL, "
-            f"{NOW} + w.seconds, true FROM w "
+            f"{NOW} + w.seconds, true FROM w ORDER BY w.id "
             "ON CONFLICT (id) DO UPDATE SET generation = excluded.generation, "
             "state = 'running', version = t.version + 1, size = 0, chunks = 0, "
             f"readers = CASE WHEN t.expires_at <= {NOW} THEN 0 ELSE t.readers END, "
@@ -136,7 +144,7 @@ class Sql:
             "WITH w AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[]) "
             "AS w(id, token, status, headers)), "
             f"s AS (UPDATE {streams} AS t SET status_code = w.status, headers = w.headers, "
-            f"version = t.version + 1, updated_at = {NOW} FROM w WHERE {fence} "
+            f"version = t.version + 1, updated_at = {NOW} FROM {w_locked} WHERE {fence} "
             "RETURNING t.id, t.version, t.updated_at), "
             f"{notify('s')} SELECT s.*, (SELECT count(*) FROM n) AS notified FROM s"
         )
@@ -145,7 +153,7 @@ class Sql:
             "AS w(id, token, size, chunks)), "
             f"s AS (UPDATE {streams} AS t SET size = t.size + w.size, "
             f"chunks = t.chunks + w.chunks, version = t.version + 1, updated_at = {NOW} "
-            f"FROM w WHERE {fence} "
+            f"FROM {w_locked} WHERE {fence} "
             "RETURNING t.id, t.size - w.size AS base, t.version, t.size, t.chunks, t.updated_at), "
             f"p AS (INSERT INTO {segments} (stream_id, start, data) "
             "SELECT s.id, s.base + q.rel, q.data FROM s JOIN "
@@ -155,7 +163,7 @@ class Sql:
         self.renew = (
             "WITH w AS (SELECT * FROM unnest($1::text[], $2::text[], $3::float8[]) "
             "AS w(id, token, seconds)) "
-            f"UPDATE {streams} AS t SET lease_expires_at = {NOW} + w.seconds FROM w "
+            f"UPDATE {streams} AS t SET lease_expires_at = {NOW} + w.seconds FROM {w_locked} "
             f"WHERE {fence} RETURNING t.id, t.lease_expires_at"
         )
         self.finish = (
@@ -163,12 +171,13 @@ class Sql:
             "$5::bool[]) AS w(id, token, state, ttl, retain)), "
             f"s AS (UPDATE {streams} AS t SET state = w.state, expires_at = {NOW} + w.ttl, "
             "lease_expires_at = NULL, retain = w.retain, version = t.version + 1, "
-            f"updated_at = {NOW} FROM w WHERE {fence} RETURNING t.id), "
+            f"updated_at = {NOW} FROM {w_locked} WHERE {fence} RETURNING t.id), "
             f"{notify('s')} SELECT s.*, (SELECT count(*) FROM n) AS notified FROM s"
         )
         self.attach = (
             "WITH w AS (SELECT * FROM unnest($1::text[], $2::int[]) AS w(id, delta)) "
-            f"UPDATE {streams} AS t SET readers = greatest(0, t.readers + w.delta) FROM w "
+            f"UPDATE {streams} AS t SET readers = greatest(0, t.readers + w.delta) "
+            f"FROM {w_locked} "
             "WHERE t.id = w.id RETURNING t.id, t.readers"
         )
         self.check = (
@@ -190,8 +199,9 @@ class Sql:
         )
         # Expired streams, and running ones whose producer died `$1` seconds ago or more.
         self.purge = (
-            f"WITH s AS (DELETE FROM {streams} WHERE expires_at <= {NOW} "
-            f"OR (state = 'running' AND lease_expires_at < {NOW} - $1) RETURNING id), "
+            f"WITH s AS (DELETE FROM {streams} WHERE id IN (SELECT id FROM {streams} "
+            f"WHERE expires_at <= {NOW} OR (state = 'running' AND lease_expires_at < {NOW} - $1) "
+            "ORDER BY id FOR UPDATE) RETURNING id), "
             f"g AS (DELETE FROM {segments} WHERE stream_id IN (SELECT id FROM s)), "
             f"{notify('s')} SELECT s.id, (SELECT count(*) FROM n) AS notified FROM s"
         )

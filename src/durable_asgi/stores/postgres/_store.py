@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -38,8 +39,11 @@ __all__ = ["LOCAL_BYTES", "PostgresStore"]
 
 #: Newest body bytes of each stream this process produces kept in memory for local readers.
 LOCAL_BYTES = 64 << 10
-#: Most queued writes committed in one transaction by the batch writer.
-MAX_BATCH = 512
+#: Most queued writes committed in one transaction by the batch writer (set-based statements
+#: take thousands of rows in one round trip).
+MAX_BATCH = 2048
+#: How often a batch rolled back by a deadlock or serialization failure is tried again.
+DEADLOCK_RETRIES = 5
 #: Streams listed per query by `scan`.
 SCAN_PAGE = 256
 #: Streams whose last-seen snapshot is remembered (for `wait`) before the memory is reset.
@@ -128,6 +132,11 @@ class PostgresStore:
         self._batch: GroupCommit[Op, bool | Claimed] = GroupCommit(
             self._commit, max_batch=MAX_BATCH
         )
+        # Renewals have a batch writer (and a connection) of their own: under load a lease
+        # must not run out while its renewal waits behind a thousand streams' appends.
+        self._renewals: GroupCommit[Op, bool | Claimed] = GroupCommit(
+            self._commit, max_batch=MAX_BATCH
+        )
         #: Streams this process produces, as of their last committed write (see `LocalCopy`).
         self._producing: dict[str, LocalCopy] = {}
         #: What a read or wait here last saw of a stream: (generation, version, listener mark).
@@ -206,8 +215,9 @@ class PostgresStore:
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
             await self._listener.close()
-            await self._batch.drain()  # commit what is queued
-            self._batch.fail_pending(StoreError(f"{self!r} was closed"))
+            for batch in (self._batch, self._renewals):
+                await batch.drain()  # commit what is queued
+                batch.fail_pending(StoreError(f"{self!r} was closed"))
             self._producing.clear()
             self._seen.clear()
             pool = self._pool
@@ -310,7 +320,11 @@ class PostgresStore:
         return outcomes
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
-        await self._fenced(Op("renew", lease.stream_id, lease.token, (lease_seconds,)))
+        op = Op("renew", lease.stream_id, lease.token, (lease_seconds,))
+        if not self._opened:
+            await self.open()
+        if await self._renewals.submit(op, shield=True) is not True:
+            raise self._lost(lease)
 
     async def finish(self, lease: Lease, state: FinalState, *, ttl: float, retain: bool) -> None:
         await self._fenced(Op("finish", lease.stream_id, lease.token, (state, ttl, retain)))
@@ -333,16 +347,27 @@ class PostgresStore:
         """The batch writer: `ops`, from every stream, in one transaction — one statement per
         run of one kind of write (`_runs`), one round trip in all when there's one run. Then
         the local copies are brought up to date and this process's readers woken."""
-        results: list[bool | Claimed] = [False] * len(ops)
-        rows: dict[int, Any] = {}
         runs = _runs(ops)
-        async with self._connection("write") as connection:
-            if len(runs) == 1:
-                await self._apply(connection, ops, runs[0], results, rows)
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            results: list[bool | Claimed] = [False] * len(ops)
+            rows: dict[int, Any] = {}
+            try:
+                async with self._connection("write") as connection:
+                    if len(runs) == 1:
+                        await self._apply(connection, ops, runs[0], results, rows)
+                    else:
+                        async with connection.transaction():
+                            for run in runs:
+                                await self._apply(connection, ops, run, results, rows)
+            except StoreError as exc:
+                # Rolled back as a whole: a deadlock with another worker's transaction (rows
+                # locked in another order across its statements) is retried.
+                retry = isinstance(exc.__cause__, asyncpg.exceptions.TransactionRollbackError)
+                if not retry or attempt == DEADLOCK_RETRIES:
+                    raise
+                await asyncio.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
             else:
-                async with connection.transaction():
-                    for run in runs:
-                        await self._apply(connection, ops, run, results, rows)
+                break
         for i, op in enumerate(ops):
             self._committed(op, results[i], rows.get(i))
         return results
@@ -557,16 +582,22 @@ class PostgresStore:
 
 
 def _runs(ops: Sequence[Op]) -> list[list[int]]:
-    """`ops` (by index) cut into runs of one kind and distinct streams, in order: each run is
-    one set-based statement, and a stream's writes still apply in the order they came."""
+    """`ops` (by index) grouped into runs of one kind, each one set-based statement, run in
+    order. Writes of different streams commute, so an op joins the first run of its kind after
+    the run of its stream's previous op: a flush of a thousand new streams' heads and first
+    chunks is two statements, not two thousand, and each stream's writes still apply in order."""
     runs: list[list[int]] = []
-    kind, streams = "", set[str]()
+    kinds: list[str] = []
+    last: dict[str, int] = {}  # stream id -> the run of its latest op
     for i, op in enumerate(ops):
-        if op.kind != kind or op.stream_id in streams:
+        at = last.get(op.stream_id, -1) + 1
+        while at < len(runs) and kinds[at] != op.kind:
+            at += 1
+        if at == len(runs):
             runs.append([])
-            kind, streams = op.kind, set[str]()
-        runs[-1].append(i)
-        streams.add(op.stream_id)
+            kinds.append(op.kind)
+        runs[at].append(i)
+        last[op.stream_id] = at
     return runs
 
 
