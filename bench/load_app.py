@@ -143,3 +143,13 @@ if VARIANT in ("memory", "sqlite", "redis", "postgres"):
 
         store = store_from_url(REDIS_URL if VARIANT == "redis" else os.environ["LOAD_POSTGRES"])
     app.add_middleware(DurableMiddleware, store=store)  # type: ignore[arg-type]
+    if VARIANT == "postgres" and os.environ.get("LOAD_STATS"):
+        # What the store cost the database, for bench/load.py's table: written when the
+        # middleware closes the store at shutdown (uvicorn re-raises SIGTERM: no atexit).
+        close = store.close
+
+        async def close_and_report() -> None:
+            await close()
+            await anyio.Path(os.environ["LOAD_STATS"]).write_text(str(store.round_trips))
+
+        store.close = close_and_report

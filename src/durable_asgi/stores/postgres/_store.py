@@ -139,6 +139,9 @@ class PostgresStore:
         )
         #: Streams this process produces, as of their last committed write (see `LocalCopy`).
         self._producing: dict[str, LocalCopy] = {}
+        #: Round trips to the database so far (statements, and a transaction's BEGIN and
+        #: COMMIT): what the store costs the database, for operators and benchmarks.
+        self.round_trips = 0
         #: What a read or wait here last saw of a stream: (generation, version, listener mark).
         self._seen: dict[str, tuple[str, int, tuple[int, int]]] = {}
 
@@ -259,6 +262,7 @@ class PostgresStore:
             await self._pool.release(connection, timeout=5)
 
     async def _fetch(self, doing: str, sql: str, *args: Any) -> list[Any]:
+        self.round_trips += 1
         async with self._connection(doing) as connection:
             return list(await connection.fetch(sql, *args))
 
@@ -356,6 +360,7 @@ class PostgresStore:
                     if len(runs) == 1:
                         await self._apply(connection, ops, runs[0], results, rows)
                     else:
+                        self.round_trips += 2  # BEGIN, COMMIT
                         async with connection.transaction():
                             for run in runs:
                                 await self._apply(connection, ops, run, results, rows)
@@ -383,6 +388,7 @@ class PostgresStore:
         """One statement for the ops at `run` (one kind, distinct streams): `results[i]` is
         whether op i applied (or what a claim answered), `rows[i]` the row it returned."""
         sql, kind = self._sql, ops[run[0]].kind
+        self.round_trips += 1
         group = [ops[i] for i in run]
         ids = [op.stream_id for op in group]
         tokens = [op.token for op in group]
@@ -395,6 +401,7 @@ class PostgresStore:
             others = [sid for sid in ids if sid not in claimed]
             existing = {}
             if others:
+                self.round_trips += 1
                 existing = {row["id"]: row for row in await connection.fetch(sql.select, others)}
             for i, sid, token in zip(run, ids, tokens, strict=True):
                 row = claimed.get(sid)
