@@ -393,24 +393,7 @@ class PostgresStore:
         ids = [op.stream_id for op in group]
         tokens = [op.token for op in group]
         if kind == "claim":
-            tokens = [new_token() for _ in group]
-            seconds = [float(op.args[0]) for op in group]
-            replace = [bool(op.args[1]) for op in group]
-            got = await connection.fetch(sql.claim, ids, tokens, seconds, replace)
-            claimed = {row["id"]: row for row in got}
-            others = [sid for sid in ids if sid not in claimed]
-            existing = {}
-            if others:
-                self.round_trips += 1
-                existing = {row["id"]: row for row in await connection.fetch(sql.select, others)}
-            for i, sid, token in zip(run, ids, tokens, strict=True):
-                row = claimed.get(sid)
-                if row is not None:
-                    results[i] = (Lease(sid, token), to_info(row))
-                elif sid in existing:
-                    results[i] = effective(to_info(existing[sid]))
-                else:  # deleted between the two statements: nothing to join, claim again
-                    raise StoreError(f"claim of {sid!r} raced its deletion; try again")
+            await self._claim(connection, run, group, results)
             return
         if kind == "start":
             statuses = [int(op.args[0]) for op in group]
@@ -444,6 +427,33 @@ class PostgresStore:
             results[i] = row is not None or kind == "attach"
             if row is not None:
                 rows[i] = row
+
+    async def _claim(
+        self, connection: Any, run: list[int], group: list[Op], results: list[bool | Claimed]
+    ) -> None:
+        """The claims of `group` (distinct streams): a lease for each claimable one, else the
+        stream as it is."""
+        sql = self._sql
+        pending = {op.stream_id: (i, op) for i, op in zip(run, group, strict=True)}
+        for _ in range(3):  # a stream deleted between the two statements is claimed again
+            ids = list(pending)
+            tokens = [new_token() for _ in ids]
+            seconds = [float(pending[sid][1].args[0]) for sid in ids]
+            replace = [bool(pending[sid][1].args[1]) for sid in ids]
+            got = await connection.fetch(sql.claim, ids, tokens, seconds, replace)
+            claimed = {row["id"]: row for row in got}
+            for sid, token in zip(ids, tokens, strict=True):
+                if sid in claimed:
+                    results[pending.pop(sid)[0]] = (Lease(sid, token), to_info(claimed[sid]))
+            if not pending:
+                return
+            self.round_trips += 1
+            for row in await connection.fetch(sql.select, list(pending)):
+                results[pending.pop(row["id"])[0]] = effective(to_info(row))
+            if not pending:
+                return
+            self.round_trips += 1
+        raise StoreError(f"claims of {sorted(pending)!r} kept racing their deletion")
 
     def _committed(self, op: Op, result: bool | Claimed, row: Any) -> None:
         """Bring the local copy of `op`'s stream up to date after its commit; wake readers."""
