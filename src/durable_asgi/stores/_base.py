@@ -29,7 +29,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import anyio
 
@@ -51,6 +51,7 @@ __all__ = [
     "dump_headers",
     "effective",
     "evolve",
+    "info_from_row",
     "is_claimable",
     "load_headers",
     "new_token",
@@ -257,6 +258,44 @@ def load_headers(text: str) -> Headers:
     """``streams.headers`` back as headers."""
     pairs: Sequence[Sequence[str]] = json.loads(text)
     return tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs)
+
+
+def info_from_row(row: Any, same_headers: StreamInfo | None = None) -> StreamInfo:
+    """A row of a SQL store's ``streams`` table (a ``sqlite3.Row`` or an asyncpg ``Record``:
+    anything indexed by column name) as a `StreamInfo`; `same_headers`: one whose headers are
+    the row's (not parsed again)."""
+    headers = row["headers"]
+    return StreamInfo(
+        id=row["id"],
+        state=row["state"],
+        generation=row["generation"],
+        version=row["version"],
+        offset=row["size"],
+        chunks=row["chunks"],
+        readers=row["readers"],
+        status_code=row["status_code"],
+        headers=(
+            same_headers.headers
+            if same_headers is not None
+            else None
+            if headers is None
+            else load_headers(headers)
+        ),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"],
+        lease_expires_at=row["lease_expires_at"],
+        retain=bool(row["retain"]),
+    )
+
+
+def running_copy(copy: LocalCopy | None) -> StreamInfo | None:
+    """The stream of this process's `copy`, if it is running: a claim of it needs no round trip
+    (another process's abort or delete reaches this process at the producer's next write)."""
+    if copy is None:
+        return None
+    info = effective(copy.info)
+    return info if info.state == "running" else None
 
 
 def new_token() -> str:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import re
 from importlib import resources
-from typing import Any
 
-from .._base import StreamInfo, load_headers
+from .._base import info_from_row as to_info
+
+__all__ = ["MAX_SEGMENT", "NOW", "SCHEMA_VERSION", "Sql", "change_tag", "schema_sql", "to_info"]
 
 #: The schema version this release writes (``{prefix}meta``, name ``schema_version``).
 SCHEMA_VERSION = 1
@@ -57,27 +58,6 @@ def schema_sql(schema: str, prefix: str) -> str:
     check_names(schema, prefix)
     text = resources.files(__package__).joinpath("schema.sql").read_text("utf-8")
     return text.replace("{schema}", schema).replace("{prefix}", prefix)
-
-
-def to_info(row: Any) -> StreamInfo:
-    """A ``streams`` row (an asyncpg ``Record`` of `COLUMNS`) as a `StreamInfo`."""
-    headers = row["headers"]
-    return StreamInfo(
-        id=row["id"],
-        state=row["state"],
-        generation=row["generation"],
-        version=row["version"],
-        offset=row["size"],
-        chunks=row["chunks"],
-        readers=row["readers"],
-        status_code=row["status_code"],
-        headers=None if headers is None else load_headers(headers),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-        lease_expires_at=row["lease_expires_at"],
-        retain=row["retain"],
-    )
 
 
 class Sql:

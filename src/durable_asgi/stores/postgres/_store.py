@@ -30,6 +30,7 @@ from .._base import (
     effective,
     evolve,
     new_token,
+    running_copy,
 )
 from .._batch import GroupCommit
 from ._listener import Listener
@@ -271,14 +272,9 @@ class PostgresStore:
     async def claim(
         self, stream_id: str, *, lease_seconds: float, replace: bool = False
     ) -> Lease | StreamInfo:
-        mine = self._producing.get(stream_id)
-        if mine is not None:
-            # Produced here: running (as of its last committed write), so not claimable — a
-            # request joining it costs no round trip. (Another process's abort or delete
-            # reaches this process at the producer's next write, as for its reads.)
-            info = effective(mine.info)
-            if info.state == "running":
-                return info
+        info = running_copy(self._producing.get(stream_id))
+        if info is not None:  # produced here: joining it costs no round trip
+            return info
         if time.time() >= self._next_purge:
             self._next_purge = time.time() + self.purge_interval
             await self.purge_expired()
