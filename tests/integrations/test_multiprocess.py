@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -244,17 +244,17 @@ class _RedisServer:
             self.process = None
 
 
-@pytest.mark.redis
-async def test_redis_restart_mid_stream_never_truncates_silently(
-    tmp_path: Path, redis_url: str
-) -> None:
-    # `redis_url` only for its verdict: skip (or, under CI, fail) when there is no Redis.
-    if not HAVE_REDIS_SERVER:
-        pytest.skip("needs the redis-server binary to restart a server of its own")
-    port = _free_port()
+async def restart_mid_stream(
+    store_url: str, tmp_path: Path, restart: Callable[[], None], *, kept: bool
+) -> dict[str, tuple[bool, bytes]]:
+    """A stream on worker A followed from worker B; 200 bytes into it the store's server is
+    restarted. Checks that no reader's body is truncated as if complete and that the next
+    request works (a replay or a fresh run); `kept`: the store keeps its data across the
+    restart, so the stream must first turn final (the producer records `failed`, or its lease
+    runs out). Returns each reader's (ended complete, bytes got)."""
     key = uuid.uuid4().hex
     env = {
-        "MP_STORE": f"redis://127.0.0.1:{port}/0",
+        "MP_STORE": store_url,
         "MP_CALLS": str(tmp_path / "calls"),
         "MP_LEASE": str(LEASE),
         "MP_POLL": str(POLL),
@@ -262,34 +262,56 @@ async def test_redis_restart_mid_stream_never_truncates_silently(
     n = 300
     expected = mp_app.body(n)
     outcomes: dict[str, tuple[bool, bytes]] = {}
-    redis = _RedisServer(port)
-    redis.start()
-    try:
-        with running_server(APP, env=env) as a, running_server(APP, env=env) as b:
-            with anyio.fail_after(30):
-                path = f"/stream?n={n}&delay=0.01"
-                async with (
-                    open_stream(a.url, path, headers=durable(key)) as first,
-                    open_stream(b.url, path, headers=durable(key)) as follower,
-                ):
-                    got = {"first": await first.read_exactly(200)}
-                    got["follower"] = await follower.read_exactly(200)
-                    redis.stop()  # and start again, empty: every key is gone
-                    redis.start()
-                    for name, resp in (("first", first), ("follower", follower)):
-                        try:
-                            outcomes[name] = (True, got[name] + await resp.read_all())
-                        except IncompleteBody as exc:
-                            outcomes[name] = (False, exc.body)
-                # Whatever happened, the next request works: a replay or a fresh run.
-                again = await fetch(b.url, path, headers=durable(key))
-                assert again.complete and again.body == expected
-    finally:
-        redis.stop()
+    with running_server(APP, env=env) as a, running_server(APP, env=env) as b:
+        with anyio.fail_after(60):
+            path = f"/stream?n={n}&delay=0.01"
+            async with (
+                open_stream(a.url, path, headers=durable(key)) as first,
+                open_stream(b.url, path, headers=durable(key)) as follower,
+            ):
+                got = {"first": await first.read_exactly(200)}
+                got["follower"] = await follower.read_exactly(200)
+                restart()
+                for name, resp in (("first", first), ("follower", follower)):
+                    try:
+                        outcomes[name] = (True, got[name] + await resp.read_all())
+                    except IncompleteBody as exc:
+                        outcomes[name] = (False, exc.body)
+            if kept:  # polled: no event crosses the processes
+                deadline = time.monotonic() + LEASE + 3
+                while b'"running"' in (status := await control(b, path, key)):
+                    assert time.monotonic() < deadline, status
+                    await anyio.sleep(0.05)
+                complete = all(done for done, _ in outcomes.values())
+                assert complete == (b'"complete"' in status)
+            again = await fetch(b.url, path, headers=durable(key))
+            assert again.complete and again.body == expected
     for name, (complete, data) in outcomes.items():
         assert expected.startswith(data), name
         if complete:
             assert data == expected, f"{name}: a truncated body ended as if complete"
+    return outcomes
+
+
+@pytest.mark.redis
+async def test_redis_restart_mid_stream_never_truncates_silently(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # `redis_url` only for its verdict: skip (or, under CI, fail) when there is no Redis.
+    if not HAVE_REDIS_SERVER:
+        pytest.skip("needs the redis-server binary to restart a server of its own")
+    redis = _RedisServer(_free_port())
+    redis.start()
+
+    def restart() -> None:
+        redis.stop()  # and start again, empty: every key is gone
+        redis.start()
+
+    try:
+        url = f"redis://127.0.0.1:{redis.port}/0"
+        outcomes = await restart_mid_stream(url, tmp_path, restart, kept=False)
+    finally:
+        redis.stop()
     print(f"\nRedis restart mid-stream: { ({k: v[0] for k, v in outcomes.items()}) } complete")
 
 
@@ -355,45 +377,8 @@ def own_postgres(postgres_url: str) -> Iterator[_PostgresServer]:
 async def test_postgres_restart_mid_stream_never_truncates_silently(
     tmp_path: Path, own_postgres: _PostgresServer
 ) -> None:
-    key = uuid.uuid4().hex
-    env = {
-        "MP_STORE": f"postgresql://postgres@127.0.0.1:{own_postgres.port}/postgres",
-        "MP_CALLS": str(tmp_path / "calls"),
-        "MP_LEASE": str(LEASE),
-        "MP_POLL": str(POLL),
-    }
-    n = 300
-    expected = mp_app.body(n)
-    outcomes: dict[str, tuple[bool, bytes]] = {}
-    with running_server(APP, env=env) as a, running_server(APP, env=env) as b:
-        with anyio.fail_after(60):
-            path = f"/stream?n={n}&delay=0.01"
-            async with (
-                open_stream(a.url, path, headers=durable(key)) as first,
-                open_stream(b.url, path, headers=durable(key)) as follower,
-            ):
-                got = {"first": await first.read_exactly(200)}
-                got["follower"] = await follower.read_exactly(200)
-                own_postgres.restart()
-                for name, resp in (("first", first), ("follower", follower)):
-                    try:
-                        outcomes[name] = (True, got[name] + await resp.read_all())
-                    except IncompleteBody as exc:
-                        outcomes[name] = (False, exc.body)
-            # The stream is final soon: the producer records `failed` once the database is
-            # back (or its lease runs out). Polled: no event crosses the processes.
-            deadline = time.monotonic() + LEASE + 3
-            while b'"running"' in (status := await control(b, path, key)):
-                assert time.monotonic() < deadline, status
-                await anyio.sleep(0.05)
-            assert all(complete for complete, _ in outcomes.values()) == (b'"complete"' in status)
-            # Whatever happened, the next request works: a replay or a fresh run.
-            again = await fetch(b.url, path, headers=durable(key))
-            assert again.complete and again.body == expected
-    for name, (complete, data) in outcomes.items():
-        assert expected.startswith(data), name
-        if complete:
-            assert data == expected, f"{name}: a truncated body ended as if complete"
+    url = f"postgresql://postgres@127.0.0.1:{own_postgres.port}/postgres"
+    outcomes = await restart_mid_stream(url, tmp_path, own_postgres.restart, kept=True)
     print(f"\nPostgreSQL restart mid-stream: { ({k: v[0] for k, v in outcomes.items()}) } complete")
 
 
