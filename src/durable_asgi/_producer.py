@@ -170,6 +170,7 @@ class Producer:
             if at <= phase:
                 flag.set()
         if phase is Phase.DONE:
+            self._finished()  # before anyone waiting for the end hears of it
             if self.engine.producers.get(self.lease.stream_id) is self:
                 # No longer this process's to abort or shut down.
                 del self.engine.producers[self.lease.stream_id]
@@ -246,7 +247,6 @@ class Producer:
                         await self._close()
         finally:
             self._advance(Phase.DONE)
-            self._finished()
 
     def _finished(self) -> None:
         """Report how the stream ended (telemetry; a failure is logged)."""
