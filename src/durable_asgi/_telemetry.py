@@ -172,10 +172,10 @@ class Telemetry:
             "From a resume or join request to its first body byte",
         )
         self.appended = meter.create_counter(
-            "durable_asgi.store.bytes_appended", "By", "Body bytes written to the store"
+            "durable_asgi.store.appended", "By", "Body bytes written to the store"
         )
         self.served = meter.create_counter(
-            "durable_asgi.store.bytes_served", "By", "Body bytes read from the store to clients"
+            "durable_asgi.store.served", "By", "Body bytes read from the store to clients"
         )
         self.store_duration = histogram(
             "durable_asgi.store.duration",

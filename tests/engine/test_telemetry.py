@@ -202,9 +202,9 @@ async def test_every_instrument_moves_for_each_outcome(
     assert value("resumes", namespace=NAMESPACE, **{"resume.kind": "offset"}) == 1
     assert value("resumes", **{"resume.kind": "last_event_id"}) == 1
     assert value("resume.time_to_first_byte") == 4  # every resume and join sent a byte
-    assert value("store.bytes_appended") == len(body) + 3 * len(EVENTS[0]) + 5 * len(EVENTS[0])
+    assert value("store.appended") == len(body) + 3 * len(EVENTS[0]) + 5 * len(EVENTS[0])
     served = len(body) + (len(body) - 16) + (len(body) - 32)
-    assert value("store.bytes_served") >= served  # and what the joiner of "cut" got
+    assert value("store.served") >= served  # and what the joiner of "cut" got
     for operation in ("claim", "append_batch", "read", "finish"):
         assert value("store.duration", operation=operation) >= 1, operation
     for reason, status in (
@@ -354,3 +354,23 @@ def test_without_opentelemetry_the_package_runs_unchanged() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+async def test_the_demo_serves_prometheus_metrics_when_asked() -> None:
+    env = {
+        "DURABLE_ASGI_METRICS": "prometheus",
+        "DURABLE_ASGI_STORE": "memory://",
+        "FAKE_MODEL_DELAY": "0.001",
+    }
+    with running_server("examples.fastapi_app.app:app", env=env) as server:
+        answer = await fetch(
+            server.url,
+            "/api/chat",
+            method="POST",
+            headers={"Durable-Key": "turn-1", "Content-Type": "application/json"},
+            body=b'{"message": "hello"}',
+        )
+        assert answer.complete and answer.status == 200
+        exposition = (await fetch(server.url, "/metrics")).body.decode()
+    assert 'durable_asgi_streams_finished_total{durable_asgi_state="complete"' in exposition
+    assert "durable_asgi_store_duration_seconds_bucket" in exposition
