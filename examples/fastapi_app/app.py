@@ -45,6 +45,8 @@ if os.environ.get("DURABLE_ASGI_METRICS") == "prometheus":
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
 app.add_middleware(
     DurableMiddleware,
     store=store_from_url(STORE_URL),
