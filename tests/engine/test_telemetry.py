@@ -34,6 +34,7 @@ from opentelemetry.trace import StatusCode
 from durable_asgi import DurableMiddleware, MemoryStore, SQLiteStore, Store
 from durable_asgi._telemetry import stream_hash
 from durable_asgi._types import Receive, Scope, Send
+from durable_asgi.exceptions import StoreError
 from durable_asgi.stores import stream_id
 
 from ..support.apps import StreamApp, wait_thread_event
@@ -267,10 +268,67 @@ async def test_a_resume_on_a_second_worker_links_to_the_producers_span(
     assert resumed.header("durable-traceparent") is None
 
 
+async def test_a_lease_revoked_elsewhere_is_counted_lost_and_logged(
+    make_shared_store: Callable[[], Store], caplog: pytest.LogCaptureFixture
+) -> None:
+    otel = Otel()
+    app = StreamApp(EVENTS, pause_at=2)
+    caplog.set_level(logging.WARNING, "durable_asgi")
+    fast = {"lease_seconds": 0.6}  # renewed every 0.2 s: the revoked lease is seen soon
+    with (
+        running_server(durable(app, make_shared_store(), otel, **fast)) as a,
+        running_server(durable(StreamApp(), make_shared_store(), Otel(), **fast)) as b,
+    ):
+        key = {"Durable-Key": "taken"}
+        async with open_stream(a.url, "/s", headers=key) as first:
+            await wait_thread_event(app.paused)
+            deleted = await fetch(b.url, "/s", headers={**key, "Durable-Control": "delete"})
+            assert deleted.status == 204
+            await eventually(lambda: otel.value("durable_asgi.leases.lost") == 1)
+            with pytest.raises(IncompleteBody):
+                await first.read_all()
+        await eventually(lambda: otel.value("durable_asgi.streams.live") == 0)
+    assert otel.value("durable_asgi.streams.finished", state="aborted", reason="lease_lost") == 1
+    (span,) = otel.spans("durable_asgi produce")
+    assert "lease lost" in [event.name for event in span.events]
+    (record,) = [r.__dict__ for r in caplog.records if r.__dict__.get("event") == "lease_lost"]
+    assert record["stream_hash"] == span.attributes["durable_asgi.stream.hash"]
+
+
+class RenewalsFail(MemoryStore):
+    """A memory store whose lease renewals meet a store error."""
+
+    async def renew(self, lease: Any, *, lease_seconds: float) -> None:
+        raise StoreError("the store is unreachable")
+
+
+async def test_a_failed_renewal_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    otel = Otel()
+    app = StreamApp(EVENTS, pause_at=2)
+    caplog.set_level(logging.WARNING, "durable_asgi")
+    with running_server(durable(app, RenewalsFail(), otel, lease_seconds=0.3)) as server:
+        async with open_stream(server.url, "/s", headers={"Durable-Key": "k"}):
+            await wait_thread_event(app.paused)
+            await eventually(lambda: otel.value("durable_asgi.leases.renewals_failed") >= 1)
+            app.release.set()
+    assert otel.value("durable_asgi.store.duration", operation="renew") >= 1
+    events = [r.__dict__ for r in caplog.records if r.__dict__.get("event")]
+    assert {"event": "store_unreachable", "operation": "renew"}.items() <= events[0].items()
+
+
 async def test_the_apps_server_span_stays_the_parent() -> None:
     otel = Otel()
     tracer = otel.tracer_provider.get_tracer("app")
-    inner = durable(StreamApp(EVENTS, headers=SSE), MemoryStore(), otel)
+    stream = StreamApp(EVENTS, headers=SSE)
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await stream(scope, receive, send)
+            return
+        with tracer.start_as_current_span("model call"):
+            await stream(scope, receive, send)
+
+    inner = durable(handler, MemoryStore(), otel)
 
     async def instrumented(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -289,6 +347,8 @@ async def test_the_apps_server_span_stays_the_parent() -> None:
     (resume,) = otel.spans("durable_asgi resume")
     assert produce.parent is not None and resume.parent is not None
     assert {produce.parent.span_id, resume.parent.span_id} == servers
+    (model,) = otel.spans("model call")  # the handler's own spans: children of the production
+    assert model.parent is not None and model.parent.span_id == produce.context.span_id
 
 
 async def test_ten_thousand_keys_make_no_key_valued_attribute() -> None:
