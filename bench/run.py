@@ -61,6 +61,11 @@ Extra rows and tables (``--workloads coalesce,passthrough,resume,replay,fanout``
   server B (another process, same store) measures producer's send -> follower's receive, p50/p99,
   for the stores shared between processes (SQLite, Redis).
 
+``--otel``: rows of the memory store with OpenTelemetry absent (``mem-noapi``), metrics on
+(``mem+m``: the SDK's MeterProvider, in-memory reader) and metrics and traces on (``mem+mt``:
+also a TracerProvider exporting to memory), beside ``memory`` (the API, nothing configured);
+in the main table only (``docs/benchmarks.md``, OpenTelemetry).
+
 ``--quick``: 1 round (unless ``--rounds``), 5 coalescing streams, 2,000 pass-through requests,
 100 resumes, 10 replays, 2 fan-out streams; the token and flat workloads keep their size.
 ``--json FILE`` writes every round's values, the medians and the failures.

@@ -312,8 +312,8 @@ async def _stats(store: Store, as_json: bool) -> None:
     stats = getattr(store, "stats", None)
     if stats is None:
         raise CommandError(
-            f"{type(store).__name__} can't count its streams (a memory store lives in its "
-            "server's process): use a SQLite or Redis store URL"
+            f"{type(store).__name__} can't count its streams (a store answers with a stats() "
+            "method: SQLite and Redis do; a memory store lives in its server's process)"
         )
     counts: StoreStats = await stats()
     if as_json:
