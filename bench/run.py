@@ -1,6 +1,6 @@
 """Benchmarks: durable_asgi against the bare app, every variant in one run, printed as tables.
 
-    python bench/run.py                          # all workloads; bare, memory, sqlite, redis
+    python bench/run.py                          # all workloads; bare and every store
     python bench/run.py --quick                  # 1 round, smaller extras
     python bench/run.py --rounds 5 --stores memory --workloads token,flat --json out.json
 
@@ -8,10 +8,12 @@ Every variant is the same Starlette app (`bench/app.py`) served by its own uvico
 worker, ``--http httptools`` by default -- what uvicorn picks when installed as
 ``uvicorn[standard]``; ``--http h11`` for the pure-Python parser; the default event loop) on a
 loopback port: ``bare`` (no middleware) and DurableMiddleware with the ``memory``, ``sqlite``
-(a fresh database file per server) and ``redis`` (`redis_url()`) stores. Durable requests carry
-a fresh ``Durable-Key`` per stream, so the handler runs and every byte goes through the store and
-back out to the client. The client is this process: asyncio, raw sockets, one HTTP/1.1
-connection per stream, chunked decoding; nothing is pinned to a core.
+(a fresh database file per server), ``redis`` (`redis_url()`) and ``postgres``
+(``$POSTGRES_URL`` or 127.0.0.1:5432 database ``test``; a fresh schema per server, dropped
+after) stores. Durable requests carry a fresh ``Durable-Key`` per stream, so the handler runs
+and every byte goes through the store and back out to the client. The client is this process:
+asyncio, raw sockets, one HTTP/1.1 connection per stream, chunked decoding; nothing is pinned
+to a core.
 
 Main table (``--workloads token,flat``), a handler that awaits between events, as an LLM relay
 does -- a Starlette ``StreamingResponse`` async generator yielding 20-byte SSE events
@@ -59,7 +61,7 @@ Extra rows and tables (``--workloads coalesce,passthrough,resume,replay,fanout``
   store): the 20,000-event (400 kB) and a 200-event token-paced stream, p50/p99 of 30 each.
 - fan-out latency: a stream of timestamped chunks produced on server A; a follower connected to
   server B (another process, same store) measures producer's send -> follower's receive, p50/p99,
-  for the stores shared between processes (SQLite, Redis).
+  for the stores shared between processes (SQLite, Redis, PostgreSQL).
 
 ``--otel``: rows of the memory store with OpenTelemetry absent (``mem-noapi``), metrics on
 (``mem+m``: the SDK's MeterProvider, in-memory reader) and metrics and traces on (``mem+mt``:
@@ -93,6 +95,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from load import drop_postgres_schemas, fresh_postgres, postgres_url
+
 ROOT = Path(__file__).resolve().parent.parent
 CHUNKS = 10_000  # the coalescing stream's chunks (bench/app.py's BENCH_CHUNKS)
 CHUNK = b"x" * 31 + b"\n"
@@ -101,7 +105,7 @@ MAIN = ("token", "flat")
 EXTRA = ("coalesce", "passthrough")
 TABLES = ("resume", "replay", "fanout")
 WORKLOADS = MAIN + EXTRA + TABLES
-STORES = ("memory", "sqlite", "redis")
+STORES = ("memory", "sqlite", "redis", "postgres")
 
 
 def event(i: int) -> bytes:
@@ -710,6 +714,12 @@ def main(argv: list[str] | None = None) -> int:
             variants["redis"] = lambda: redis
         else:
             print("redis: skipped (no Redis at $REDIS_URL or 127.0.0.1:6379)", file=sys.stderr)
+    if "postgres" in args.stores:
+        postgres = postgres_url()
+        if postgres:
+            variants["postgres"] = lambda: fresh_postgres(postgres)
+        else:
+            print("postgres: skipped (no PostgreSQL at $POSTGRES_URL or :5432)", file=sys.stderr)
 
     per_round = [w for w in (*MAIN, *EXTRA) if w in args.workloads]
     results: dict[str, dict[str, list[Result]]] = {
@@ -762,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         loop.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        drop_postgres_schemas()
     elapsed = time.monotonic() - started
 
     loop_name = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"

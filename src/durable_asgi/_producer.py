@@ -394,12 +394,26 @@ class Producer:
             buffer.close()
             self._stop_keeping()
             if self._store_failed:
-                with (
-                    anyio.move_on_after(self.options.lease_seconds),
-                    contextlib.suppress(StoreError),
-                ):
-                    await store.finish(lease, "failed", ttl=self.options.ttl, retain=False)
+                await self._record_failure()
             self._advance(Phase.DONE)
+
+    async def _record_failure(self) -> None:
+        """The store failed mid-stream: record the stream `failed` as soon as the store answers
+        again (a restarting database, say), so the next request runs the handler afresh
+        instead of joining a dead stream. Tried until the lease would have run out: readers
+        see the stream failed from then on anyway."""
+        store, lease, delay = self.engine.store, self.lease, 0.05
+        with anyio.move_on_after(self.options.lease_seconds):
+            while True:
+                try:
+                    await store.finish(lease, "failed", ttl=self.options.ttl, retain=False)
+                except LeaseLost:
+                    return
+                except StoreError:
+                    await anyio.sleep(delay)
+                    delay = min(2 * delay, 1.0)
+                else:
+                    return
 
     # -- the first client ----------------------------------------------------------------------
 

@@ -35,8 +35,7 @@ from urllib.parse import unquote, urlsplit
 import anyio
 
 from ._telemetry import stream_hash
-from .stores import ENV_VAR, Store, StoreError, StreamInfo, store_from_url
-from .stores._base import StoreStats
+from .stores import ENV_VAR, Store, StoreError, StoreStats, StreamInfo, store_from_url
 
 __all__ = ["main"]
 

@@ -1,7 +1,8 @@
 """OpenTelemetry through real servers, with the real SDK: every instrument of
 ``docs/operations.md`` moves as documented for complete, failed, aborted, resumed, joined and
-refused streams on every store; a resume on a second worker links to the producer's span; keys
-never become attributes; and without OpenTelemetry the package runs unchanged.
+refused streams on every store (memory, SQLite, Redis, PostgreSQL); a resume on a second
+worker links to the producer's span; keys never become attributes; and without OpenTelemetry
+the package runs unchanged.
 
 The SDK is passed to the middleware (``meter_provider=``, ``tracer_provider=``), never set
 globally, so tests don't see each other's data. The servers run in threads of this process and
@@ -31,7 +32,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from durable_asgi import DurableMiddleware, MemoryStore, SQLiteStore, Store
+from durable_asgi import DurableMiddleware, MemoryStore, SQLiteStore, Store, store_from_url
 from durable_asgi._telemetry import stream_hash
 from durable_asgi._types import Receive, Scope, Send
 from durable_asgi.exceptions import StoreError
@@ -106,15 +107,16 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 REDIS = pytest.param("redis", marks=pytest.mark.redis)
+POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres)
 
 
-@pytest.fixture(params=["memory", "sqlite", REDIS])
+@pytest.fixture(params=["memory", "sqlite", REDIS, POSTGRES])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
     """Makes stores of one kind that share their data (memory: one store, made once)."""
     yield from _stores(request, tmp_path)
 
 
-@pytest.fixture(params=["sqlite", REDIS])
+@pytest.fixture(params=["sqlite", REDIS, POSTGRES])
 def make_shared_store(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[[], Store]]:
@@ -128,6 +130,9 @@ def _stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable
         yield lambda: memory
     elif request.param == "sqlite":
         yield lambda: SQLiteStore(tmp_path / "durable.db")
+    elif request.param == "postgres":
+        url = str(request.getfixturevalue("postgres_store_url"))  # a schema of its own
+        yield lambda: store_from_url(url)
     else:
         make, clean = redis_factory(request, Ids())
         try:

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
@@ -49,9 +50,11 @@ __all__ = [
     "StreamInfo",
     "Write",
     "count_streams",
+    "dump_headers",
     "effective",
     "evolve",
     "is_claimable",
+    "load_headers",
     "new_token",
     "stream_id",
     "write_all",
@@ -272,6 +275,20 @@ def evolve(info: StreamInfo, **changes: object) -> StreamInfo:
     new = object.__new__(StreamInfo)
     new.__dict__.update(info.__dict__, **changes)  # frozen: no setattr, and no need of one
     return new
+
+
+# Header names and values are bytes; latin-1 maps each byte to one code point, losslessly.
+def dump_headers(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """Headers as stored in ``streams.headers`` (JSON)."""
+    return json.dumps(
+        [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers]
+    )
+
+
+def load_headers(text: str) -> Headers:
+    """``streams.headers`` back as headers."""
+    pairs: Sequence[Sequence[str]] = json.loads(text)
+    return tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs)
 
 
 def new_token() -> str:

@@ -8,11 +8,9 @@ makes its snapshot atomic.
 
 from __future__ import annotations
 
-import json
 import sqlite3
-from collections.abc import Iterable, Sequence
 
-from .._base import Headers, StoreError, StreamInfo
+from .._base import StoreError, StreamInfo, load_headers
 
 #: Bumped when the schema changes incompatibly (kept in ``PRAGMA user_version``).
 SCHEMA_VERSION = 1
@@ -153,17 +151,3 @@ def to_info(row: sqlite3.Row, same_headers: StreamInfo | None = None) -> StreamI
         lease_expires_at=row["lease_expires_at"],
         retain=bool(row["retain"]),
     )
-
-
-# Header names and values are bytes; latin-1 maps each byte to one code point, losslessly.
-def dump_headers(headers: Iterable[tuple[bytes, bytes]]) -> str:
-    """Headers as stored in ``streams.headers`` (JSON)."""
-    return json.dumps(
-        [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers]
-    )
-
-
-def load_headers(text: str) -> Headers:
-    """``streams.headers`` back as headers."""
-    pairs: Sequence[Sequence[str]] = json.loads(text)
-    return tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs)

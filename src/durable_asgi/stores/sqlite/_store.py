@@ -26,6 +26,7 @@ from .._base import (
     StoreStats,
     StreamInfo,
     Write,
+    dump_headers,
     effective,
     join,
 )
@@ -42,7 +43,6 @@ from ._schema import (
     OWNED,
     READ,
     SELECT_LIVE_STREAM,
-    dump_headers,
     to_info,
     update_owned,
 )
