@@ -195,11 +195,14 @@ class Producer:
         """Stop the handler. The first reason stands, except that a revoked lease (deleted,
         lost) wins over any: this producer may not write again, whatever it was doing."""
         if self.stop_reason is None or (why in _REVOKED and self.stop_reason not in _REVOKED):
-            if why is Stop.LEASE_LOST and self.stop_reason is not Stop.LEASE_LOST:
-                self.telemetry.lease_lost(self.lease.stream_id, self.namespace, self._span)
+            # Reported while the stream is this producer's: a renewal answered after the end
+            # was stored (it raced the finish) is no lost lease.
+            if self.phase < Phase.DONE and self.stored is None:
+                if why is Stop.LEASE_LOST and self.stop_reason is not Stop.LEASE_LOST:
+                    self.telemetry.lease_lost(self.lease.stream_id, self.namespace, self._span)
+                if self._span is not None:
+                    self._span.add_event("stopped", {"durable_asgi.reason": why.name.lower()})
             self.stop_reason, self.detail = why, detail
-            if self._span is not None:
-                self._span.add_event("stopped", {"durable_asgi.reason": why.name.lower()})
         self._handler.cancel()
 
     # -- the run -----------------------------------------------------------------------------

@@ -342,13 +342,15 @@ class Telemetry:
             reason = "offset_out_of_range" if reading.refused == 416 else "no_head"
             self.refuse(reason, reading.refused, stream_id)
             return
+        if tail is None:
+            return  # nothing was served (the store failed first: counted as refused)
         attributes = self.attributes(namespace, **{"durable_asgi.resume.kind": reading.kind})
-        first = tail.first_at if tail is not None else None
+        first = tail.first_at
         if self.resumes is not None and self.resume_ttfb is not None and self.served is not None:
             self.resumes.add(1, attributes)
             if first is not None:
                 self.resume_ttfb.record(first - reading.started, attributes)
-            if tail is not None and tail.offset > tail.start:
+            if tail.offset > tail.start:
                 self.served.add(tail.offset - tail.start, self._store)
         if self.tracer is None or otel_trace is None:
             return
@@ -362,14 +364,12 @@ class Telemetry:
         span = self.tracer.start_span(
             "durable_asgi resume", attributes=attributes, links=links, start_time=reading.start_ns
         )
-        if tail is not None:
-            if first is not None:
-                at = reading.start_ns + int((first - reading.started) * 1e9)
-                span.add_event("first byte", timestamp=at)
-            span.set_attributes(
-                {"durable_asgi.offset": tail.start, "durable_asgi.state": tail.end or "gone"}
-            )
-            span.add_event("finished", {"durable_asgi.state": tail.end or "gone"})
+        if first is not None:
+            at = reading.start_ns + int((first - reading.started) * 1e9)
+            span.add_event("first byte", timestamp=at)
+        end = tail.end or "client_left"  # "": the client left before the end
+        span.set_attributes({"durable_asgi.offset": tail.start, "durable_asgi.state": end})
+        span.add_event("finished", {"durable_asgi.state": end})
         span.end()
 
     def refuse(self, reason: str, status: int, stream_id: str | None = None) -> None:
