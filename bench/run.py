@@ -63,6 +63,11 @@ Extra rows and tables (``--workloads coalesce,passthrough,resume,replay,fanout``
   server B (another process, same store) measures producer's send -> follower's receive, p50/p99,
   for the stores shared between processes (SQLite, Redis, PostgreSQL).
 
+``--otel``: rows of the memory store with OpenTelemetry absent (``mem-noapi``), metrics on
+(``mem+m``: the SDK's MeterProvider, in-memory reader) and metrics and traces on (``mem+mt``:
+also a TracerProvider exporting to memory), beside ``memory`` (the API, nothing configured);
+in the main table only (``docs/benchmarks.md``, OpenTelemetry).
+
 ``--quick``: 1 round (unless ``--rounds``), 5 coalescing streams, 2,000 pass-through requests,
 100 resumes, 10 replays, 2 fan-out streams; the token and flat workloads keep their size.
 ``--json FILE`` writes every round's values, the medians and the failures.
@@ -146,10 +151,11 @@ class Server:
 
 
 @contextmanager
-def serve(store: str, http: str) -> Iterator[Server]:
-    """A uvicorn process (one worker) serving bench/app.py with `store` (``bare`` or a URL)."""
+def serve(store: str, http: str, otel: str = "") -> Iterator[Server]:
+    """A uvicorn process (one worker) serving bench/app.py with `store` (``bare`` or a URL)
+    and OpenTelemetry `otel` (``BENCH_OTEL``: "", ``absent``, ``metrics``, ``traces``)."""
     port = free_port()
-    env = {**os.environ, "BENCH_STORE": store, "BENCH_CHUNKS": str(CHUNKS)}
+    env = {**os.environ, "BENCH_STORE": store, "BENCH_CHUNKS": str(CHUNKS), "BENCH_OTEL": otel}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT / "src")])
     proc = subprocess.Popen(
         [
@@ -597,7 +603,7 @@ def print_table(
     title: str, unit: str, results: dict[str, dict[str, list[Result]]], labels: dict[str, str]
 ) -> None:
     columns = (
-        f"{'workload':<12} {'variant':<8} {f'server µs/{unit}':>17} {'x bare':>7} "
+        f"{'workload':<12} {'variant':<9} {f'server µs/{unit}':>17} {'x bare':>7} "
         f"{f'{unit}s/s':>11} {'x bare':>7} {'server %':>9} {'client %':>9} "
         f"{f'{unit}s/read':>12}  delivered"
     )
@@ -611,7 +617,7 @@ def print_table(
             per_read = f"{m['per_read']:.1f}" if m["per_read"] else "-"
             ok = "ok" if m["delivered"] == m["expected"] else "FAILED"
             print(
-                f"{labels[workload]:<12} {variant:<8} {m['us']:>17.1f} {cpu_x:>7} "
+                f"{labels[workload]:<12} {variant:<9} {m['us']:>17.1f} {cpu_x:>7} "
                 f"{m['rate']:>11,.0f} {rate_x:>7} {m['server_pct']:>8.0f}% "
                 f"{m['client_pct']:>8.0f}% {per_read:>12}  "
                 f"{m['delivered']:,}/{m['expected']:,} {ok}"
@@ -644,6 +650,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--http", default="httptools", choices=("httptools", "h11"), help="uvicorn's --http"
     )
     parser.add_argument("--json", help="also write every result to this file")
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="add memory-store rows with OpenTelemetry absent, metrics on, metrics+traces on",
+    )
     args = parser.parse_args(argv)
     for option, allowed in (("stores", STORES), ("workloads", WORKLOADS)):
         chosen = [x for x in getattr(args, option).split(",") if x]
@@ -686,8 +697,15 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="durable-bench-"))
     variants: dict[str, Callable[[], str]] = {"bare": lambda: "bare"}
+    otel: dict[str, str] = {}  # variant -> BENCH_OTEL
     if "memory" in args.stores:
         variants["memory"] = lambda: "memory://"
+    if args.otel:
+        # The memory store, with OpenTelemetry absent (its import blocked), and with the SDK
+        # configured (in-memory reader, exporter): metrics, then metrics and traces.
+        for name, mode in (("mem-noapi", "absent"), ("mem+m", "metrics"), ("mem+mt", "traces")):
+            variants[name] = lambda: "memory://"
+            otel[name] = mode
     if "sqlite" in args.stores:  # a fresh database per server (sqlite3: standard library)
         variants["sqlite"] = lambda: f"sqlite:///{tmp / f'bench-{uuid.uuid4().hex[:8]}.db'}"
     if "redis" in args.stores:
@@ -725,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 progress(f"round {round_ + 1}/{args.rounds}: {name}")
                 durable = name != "bare"
-                with serve(variants[name](), args.http) as server:
+                with serve(variants[name](), args.http, otel.get(name, "")) as server:
                     warm_up(loop, server, durable)
                     for w in per_round:
                         if w == "passthrough":
@@ -738,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
                             failures.append(line)
                             print(f"!!! {line}", file=sys.stderr, flush=True)
         for name in names[1:]:
+            if name in otel:
+                continue  # the main table's rows only
             if {"resume", "replay"} & set(args.workloads):
                 progress(f"resume/replay: {name}")
                 with serve(variants[name](), args.http) as server:

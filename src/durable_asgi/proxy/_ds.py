@@ -314,13 +314,15 @@ class DurableStreams:
         sid = self.stream_id(stream)
         try:
             await mw.engine.ensure_open()
-            lease = await mw.store.claim(sid, lease_seconds=mw.options.lease_seconds)
+            lease = await mw.engine.telemetry.timed(
+                "claim", lambda: mw.store.claim(sid, lease_seconds=mw.options.lease_seconds)
+            )
         except BaseException:
             with anyio.move_on_after(5, shield=True):
                 await response.aclose()
             raise
         assert isinstance(lease, Lease), "a fresh UUID is always claimable"
-        producer = Producer(mw.engine, lease, mw.options)
+        producer = Producer(mw.engine, lease, mw.options, NAMESPACE)
         relay, inactivity = self.proxy.relay, self.body_timeout
 
         async def pipe(scope: Scope, receive: Receive, send: Send) -> None:

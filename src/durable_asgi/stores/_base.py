@@ -46,8 +46,10 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreFull",
+    "StoreStats",
     "StreamInfo",
     "Write",
+    "count_streams",
     "dump_headers",
     "effective",
     "evolve",
@@ -198,6 +200,36 @@ class Store(Protocol):
 
     def scan(self) -> AsyncIterator[StreamInfo]:
         """Every stream in the store that hasn't expired (for the operator CLI)."""
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """What a store holds, counted store-side (``durable-asgi stats``). A store that can
+    count them has an optional ``async def stats() -> StoreStats`` (SQLite, Redis); a memory
+    store is another process's, so the command line has nothing to ask.
+
+    Example: ``StoreStats({"running": 2, "complete": 40}, bytes=81920, oldest_running=1.7e9)``
+    """
+
+    streams: dict[str, int]
+    """Streams by state (a running one whose lease ran out counts as ``failed``)."""
+    bytes: int
+    """Body bytes stored, all streams together."""
+    oldest_running: float | None
+    """When the longest-running stream started (Unix seconds), None if none runs."""
+
+
+async def count_streams(streams: AsyncIterator[StreamInfo]) -> StoreStats:
+    """`StoreStats` of the streams a `Store.scan` yields."""
+    counts: dict[str, int] = {}
+    total = 0
+    oldest: float | None = None
+    async for info in streams:
+        counts[info.state] = counts.get(info.state, 0) + 1
+        total += info.offset
+        if info.state == "running" and (oldest is None or info.created_at < oldest):
+            oldest = info.created_at
+    return StoreStats(counts, total, oldest)
 
 
 class Write(NamedTuple):

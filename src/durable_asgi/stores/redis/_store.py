@@ -20,8 +20,10 @@ from .._base import (
     LocalCopy,
     Notifier,
     StoreError,
+    StoreStats,
     StreamInfo,
     Write,
+    count_streams,
     effective,
     evolve,
     join,
@@ -355,6 +357,11 @@ class RedisStore:
         async for keys in self._meta_keys():
             removed += int(await self._eval(scripts.PURGE, keys))
         return removed
+
+    async def stats(self) -> StoreStats:
+        """Streams by state, bytes, the oldest running stream: from every stream's metadata
+        (one script call each, as `scan`)."""
+        return await count_streams(self.scan())
 
     async def scan(self) -> AsyncIterator[StreamInfo]:
         async for keys in self._meta_keys():
