@@ -6,8 +6,8 @@
 
 Variants (all `bench/load_app.py` on one uvicorn worker, the same Starlette endpoint):
 ``bare`` (no resumability), durable_asgi with ``memory``, ``sqlite``, ``redis`` and ``postgres``
-stores, and the PyPI packages ``fastapi-resumable-stream`` (``frs``) and ``resumable-stream`` (``rs``),
-wired as their READMEs show, on the same Redis as durable_asgi's Redis store.
+stores, and the PyPI packages ``fastapi-resumable-stream`` (``frs``) and ``resumable-stream``
+(``rs``), wired as their READMEs show, on the same Redis as durable_asgi's Redis store.
 
 Measured (the client is a separate asyncio process on raw sockets):
 

@@ -205,8 +205,8 @@ class Store(Protocol):
 @dataclass(frozen=True)
 class StoreStats:
     """What a store holds, counted store-side (``durable-asgi stats``). A store that can
-    count them has an optional ``async def stats() -> StoreStats`` (SQLite, Redis); a memory
-    store is another process's, so the command line has nothing to ask.
+    count them has an optional ``async def stats() -> StoreStats`` (SQLite, Redis,
+    PostgreSQL); a memory store is another process's, so the command line has nothing to ask.
 
     Example: ``StoreStats({"running": 2, "complete": 40}, bytes=81920, oldest_running=1.7e9)``
     """

@@ -199,3 +199,9 @@ class Sql:
             f"(s.expires_at IS NULL OR s.expires_at > {NOW})"
         )
         self.scan = f"SELECT {COLUMNS} FROM {streams} WHERE id > $1 AND {live} ORDER BY id LIMIT $2"
+        # A running stream whose lease ran out counts as failed (`effective`).
+        self.stats = (
+            f"SELECT CASE WHEN state = 'running' AND lease_expires_at < {NOW} THEN 'failed' "
+            "ELSE state END AS effective, count(*) AS n, coalesce(sum(size), 0) AS size, "
+            f"min(created_at) AS oldest FROM {streams} WHERE {live} GROUP BY effective"
+        )

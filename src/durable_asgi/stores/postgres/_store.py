@@ -24,6 +24,7 @@ from .._base import (
     Notifier,
     StoreError,
     StoreFull,
+    StoreStats,
     StreamInfo,
     Write,
     dump_headers,
@@ -558,6 +559,15 @@ class PostgresStore:
                 remaining = min(remaining, listener.retry)
             if remaining > 0:
                 await self._notifier.wait(stream_id, event, remaining)
+
+    async def stats(self) -> StoreStats:
+        """Streams by state, bytes, the oldest running stream: one aggregate query."""
+        rows = await self._fetch("stats", self._sql.stats)
+        return StoreStats(
+            {row["effective"]: row["n"] for row in rows},
+            sum(int(row["size"]) for row in rows),
+            next((row["oldest"] for row in rows if row["effective"] == "running"), None),
+        )
 
     async def scan(self) -> AsyncIterator[StreamInfo]:
         after = ""
