@@ -452,7 +452,9 @@ class Producer:
         with self._client, self.telemetry.reader():
             try:
                 if self.client is None:
-                    await serve_stream(store, self._followed(), 0, self.options, None, send)
+                    await serve_stream(
+                        store, self._followed(), 0, self.options, None, send, fed=self.telemetry
+                    )
                 else:
                     await self._serve_live(self.client, send)
             except StoreError as exc:
@@ -474,6 +476,7 @@ class Producer:
             self.engine.store, self.lease.stream_id, self.lease.token, 0, self.options.poll_interval
         )
         count_in = True
+        fed: int | None = None  # the offset it fell behind at, once it is fed from the store
         try:
             while not client.gone:
                 if client.first and count_in:  # once, whether or not the store takes it
@@ -481,7 +484,7 @@ class Producer:
                     await count_reader_in(tail)
                 if client.behind is not None:
                     if await client.caught_up():
-                        tail.offset = client.offset
+                        tail.offset = fed = client.offset
                         error = await send_body(tail, None, client.ids, send, count_in=count_in)
                         if error is not None:
                             raise error
@@ -497,6 +500,8 @@ class Producer:
         except OSError:
             pass  # ASGI 2.4+ servers raise OSError on send after the client left.
         finally:
+            if fed is not None:
+                self.telemetry.fed(tail.offset - fed)
             client.leave()
             if client.behind is not None and not client.behind.done():
                 client.behind.cancel()  # the client is gone: its send has no one to wait for

@@ -292,12 +292,14 @@ async def serve_stream(
     receive: Receive | None,
     send: Send,
     reading: Reading | None = None,
+    fed: Telemetry | None = None,
 ) -> None:
     """Serve one client `stream` from `offset`, then end as the stream did.
 
     `receive` is watched for the client leaving; the first client's producer watches it
     instead (pass None). Raises what the reader met unexpectedly (not store errors, which can
-    only truncate the body once its head is out).
+    only truncate the body once its head is out). A joiner's or resumer's `reading` is told
+    what was served; `fed` is told the bytes a first client was served (off asyncio).
     """
     sse = options.sse_ids and is_event_stream(stream.headers)
     out_headers = replay_headers(
@@ -323,6 +325,8 @@ async def serve_stream(
         else:
             await _pump(tail, head, ids, receive, send)
     finally:
+        if fed is not None:
+            fed.fed(tail.offset - tail.start)
         if tail.counted:
             with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
                 await store.attach(stream.stream_id, -1)

@@ -80,7 +80,8 @@ class Reading:
 
     telemetry: Telemetry
     kind: str
-    """``offset``, ``last_event_id`` or ``join`` (same key, no offset)."""
+    """``offset``, ``last_event_id`` or ``join`` (same key, no offset; on the read protocol,
+    a live read of a running stream)."""
     started: float = field(default_factory=time.perf_counter)
     start_ns: int = field(default_factory=time.time_ns)
     headers: Headers = ()
@@ -350,8 +351,7 @@ class Telemetry:
             self.resumes.add(1, attributes)
             if first is not None:
                 self.resume_ttfb.record(first - reading.started, attributes)
-            if tail.offset > tail.start:
-                self.served.add(tail.offset - tail.start, self._store)
+            self.fed(tail.offset - tail.start)
         if self.tracer is None or otel_trace is None:
             return
         links = []
@@ -372,6 +372,12 @@ class Telemetry:
         span.add_event("finished", {"durable_asgi.state": end})
         span.end()
 
+    def fed(self, nbytes: int) -> None:
+        """A first client that fell behind was fed `nbytes` from the store (once per reader:
+        bytes it got inline, from the handler's own `send`, are not counted)."""
+        if self.served is not None and nbytes > 0:
+            self.served.add(nbytes, self._store)
+
     def refuse(self, reason: str, status: int, stream_id: str | None = None) -> None:
         """A durable request was refused with `status` for `reason`."""
         if self.refused is not None:
@@ -379,7 +385,7 @@ class Telemetry:
                 1,
                 dict(self._store, **{"durable_asgi.reason": reason}, **_status(status)),
             )
-        if status in (404, 416):
+        if status in (401, 404, 416):
             logger.info(
                 "durable_asgi: resume refused (%s)",
                 reason,

@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from opentelemetry.trace import StatusCode
 
 from durable_asgi import DurableMiddleware, MemoryStore, SQLiteStore, Store, store_from_url
 from durable_asgi._telemetry import stream_hash
-from durable_asgi._types import Receive, Scope, Send
+from durable_asgi._types import Message, Receive, Scope, Send
 from durable_asgi.exceptions import StoreError
 from durable_asgi.stores import stream_id
 
@@ -298,6 +299,50 @@ async def test_a_lease_revoked_elsewhere_is_counted_lost_and_logged(
     assert "lease lost" in [event.name for event in span.events]
     (record,) = [r.__dict__ for r in caplog.records if r.__dict__.get("event") == "lease_lost"]
     assert record["stream_hash"] == span.attributes["durable_asgi.stream.hash"]
+
+
+async def test_a_first_client_fed_from_the_store_is_counted_in_bytes_served(
+    make_store: Callable[[], Store],
+) -> None:
+    """The first client's connection stops taking bytes at its fifth chunk (its `send` waits):
+    it falls behind, and once released is fed the rest from the store — those bytes, and only
+    those, are served from the store (the ones it got inline are not)."""
+    otel = Otel()
+    app = StreamApp(EVENTS)
+    inner = durable(app, make_store(), otel)
+    stalled, release = threading.Event(), threading.Event()
+
+    async def slow_connection(scope: Scope, receive: Receive, send: Send) -> None:
+        sent = 0
+
+        async def stalling(message: Message) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.body" and message.get("body"):
+                sent += 1
+                if sent == 5:
+                    stalled.set()
+                    await anyio.to_thread.run_sync(release.wait)
+            await send(message)
+
+        await inner(scope, receive, stalling if scope["type"] == "http" else send)
+
+    results: list[Any] = []
+    with running_server(slow_connection) as server:
+
+        async def first() -> None:
+            results.append(await fetch(server.url, "/s", headers={"Durable-Key": "slow"}))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(first)
+            await wait_thread_event(stalled)
+            await wait_thread_event(app.ended)  # the handler doesn't wait for this client
+            release.set()
+        (whole,) = results
+        assert whole.complete and whole.body == app.body
+        await eventually(lambda: otel.value("durable_asgi.readers.live") == 0)
+        inline = len(b"".join(EVENTS[:5]))
+        await eventually(lambda: otel.value("durable_asgi.store.served") == len(app.body) - inline)
+    assert otel.value("durable_asgi.resumes") == 0  # the first client is no resume
 
 
 class RenewalsFail(MemoryStore):
