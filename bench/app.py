@@ -10,13 +10,19 @@
   (the store coalesces them into a few big writes);
 - ``/small``: a tiny response (the pass-through cost);
 - ``/ticks``: timestamped chunks for the fan-out latency measurement.
+
+``BENCH_OTEL``: ``absent`` blocks the ``opentelemetry`` import (as if not installed);
+``metrics`` passes an SDK `MeterProvider` with an in-memory reader; ``traces`` also a
+`TracerProvider` exporting to memory; unset, the API is installed and nothing configured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -24,7 +30,17 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from durable_asgi import DurableMiddleware, store_from_url
+_otel = os.environ.get("BENCH_OTEL", "")
+if _otel == "absent":
+
+    class _Blocked:
+        def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+            if name.partition(".")[0] == "opentelemetry":
+                raise ModuleNotFoundError(f"No module named {name!r}")
+
+    sys.meta_path.insert(0, _Blocked())  # type: ignore[arg-type]
+
+from durable_asgi import DurableMiddleware, store_from_url  # noqa: E402
 
 CHUNKS = int(os.environ.get("BENCH_CHUNKS", "10000"))
 CHUNK = b"x" * 31 + b"\n"
@@ -82,6 +98,21 @@ app = Starlette(
     ]
 )
 
+_providers: dict[str, Any] = {}
+if _otel in ("metrics", "traces"):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    _providers["meter_provider"] = MeterProvider(metric_readers=[InMemoryMetricReader()])
+if _otel == "traces":
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    _tracer_provider = TracerProvider()
+    _tracer_provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    _providers["tracer_provider"] = _tracer_provider
+
 _store = os.environ.get("BENCH_STORE", "bare")
 if _store != "bare":
-    app.add_middleware(DurableMiddleware, store=store_from_url(_store))
+    app.add_middleware(DurableMiddleware, store=store_from_url(_store), **_providers)

@@ -14,6 +14,8 @@ many responses were *cut short* (ended without the chunked body's terminator: a 
 ended failed, or a server that gave up on it).
 
 Redis: ``--redis URL``, else a private ``redis-server`` on a free port (skipped without one).
+PostgreSQL: ``$POSTGRES_URL``, else the machine's server at 127.0.0.1:5432 (database ``test``);
+each server gets a fresh schema, dropped after the run (skipped when none answers).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 STAMP = re.compile(rb"T(\d+\.\d{6}) (\d{6}) ")
-DURABLE = ("memory", "sqlite", "redis")
+DURABLE = ("memory", "sqlite", "redis", "postgres")
+POSTGRES_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
+_postgres_schemas: list[tuple[str, str]] = []
 READ_TIMEOUT = 30.0  # a stream silent this long counts as an error, not a hang
 
 
@@ -87,15 +91,57 @@ def redis_server(url: str | None) -> Iterator[str | None]:
         proc.wait(10)
 
 
+def postgres_url() -> str | None:
+    """``$POSTGRES_URL`` or the machine's PostgreSQL, if it answers (and asyncpg imports)."""
+    url = os.environ.get("POSTGRES_URL", "").strip() or POSTGRES_DEFAULT
+    try:
+        import asyncpg
+
+        async def ping() -> None:
+            await (await asyncpg.connect(url, timeout=3)).close()
+
+        asyncio.run(ping())
+    except Exception:
+        return None
+    return url
+
+
+def fresh_postgres(url: str) -> str:
+    """A store URL on `url` naming a new schema (dropped by `drop_postgres_schemas`)."""
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    _postgres_schemas.append((url, schema))
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
+
+
+def drop_postgres_schemas() -> None:
+    """Drop every schema `fresh_postgres` made."""
+    import asyncpg
+
+    async def drop() -> None:
+        for url, schema in _postgres_schemas:
+            connection = await asyncpg.connect(url)
+            try:
+                await connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            finally:
+                await connection.close()
+
+    if _postgres_schemas:
+        asyncio.run(drop())
+        _postgres_schemas.clear()
+
+
 @contextlib.contextmanager
 def serve(variant: str, redis: str | None, workdir: Path) -> Iterator[tuple[int, int]]:
     """Run `bench/load_app.py` as `variant` on one uvicorn worker: yields (port, pid)."""
     port = free_port()
+    postgres = postgres_url() if variant == "postgres" else None
     env = {
         **os.environ,
         "LOAD_VARIANT": variant,
         "LOAD_REDIS": redis or "",
         "LOAD_SQLITE": str(workdir / f"load-{uuid.uuid4().hex[:6]}.db"),
+        "LOAD_POSTGRES": fresh_postgres(postgres) if postgres else "",
+        "LOAD_STATS": str(workdir / "load-stats"),
         "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), str(ROOT / "src")]),
     }
     command = [sys.executable, "-c", _SERVER, str(port)]
@@ -298,6 +344,9 @@ def run_variant(
         client_process(port, warm, resumers=False)
         with Sampler(pid) as sampler:
             result = client_process(port, args, resumers=variant != "bare")
+    if variant == "postgres":  # written by the server as it exited (bench/load_app.py)
+        stats = workdir / "load-stats"
+        result["db_round_trips"] = int(stats.read_text()) if stats.exists() else None
     result.update(variant=variant, cpu=sampler.cpu * 100, rss=sampler.peak / 2**20)
     return result
 
@@ -328,6 +377,14 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {delivered:.1%} / {resumed} | {r['truncated'] + r['resumer_truncated']} "
             f"| {r['errors']} |"
         )
+    for r in rows:
+        if r.get("db_round_trips"):
+            per_chunk = r["db_round_trips"] / r["expected"] if r["expected"] else 0
+            lines.append(
+                f"\n{r['variant']}: {r['db_round_trips']:,} database round trips for "
+                f"{r['expected']:,} chunks ({per_chunk:.3f} per chunk; claims, reads, waits, "
+                "renewals and the warm-up included)"
+            )
     return "\n".join(lines)
 
 
@@ -340,7 +397,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per stream")
     parser.add_argument("--size", type=int, default=64, help="bytes per chunk")
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which streams start")
-    parser.add_argument("--variants", default="bare,memory,sqlite,redis")
+    parser.add_argument("--variants", default="bare,memory,sqlite,redis,postgres")
     parser.add_argument("--redis", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
@@ -360,8 +417,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if variant in ("redis", "frs", "rs") and redis is None:
                 print(f"skipping {variant}: no Redis (install redis-server or pass --redis)")
                 continue
+            if variant == "postgres" and postgres_url() is None:
+                print("skipping postgres: no PostgreSQL (set POSTGRES_URL)")
+                continue
             print(f"running {variant} ...", file=sys.stderr, flush=True)
-            rows.append(run_variant(variant, args, redis, Path(tmp)))
+            try:
+                rows.append(run_variant(variant, args, redis, Path(tmp)))
+            finally:
+                drop_postgres_schemas()
     print(table(rows, args))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -3,8 +3,9 @@
 ``LOAD_VARIANT`` picks how ``GET /live`` is made resumable:
 
 - ``bare``: a plain Starlette `StreamingResponse` (not resumable);
-- ``memory`` / ``sqlite`` / ``redis``: the same endpoint behind `DurableMiddleware` with that
-  store (``LOAD_SQLITE`` path, ``LOAD_REDIS`` URL), key from the ``Durable-Key`` header;
+- ``memory`` / ``sqlite`` / ``redis`` / ``postgres``: the same endpoint behind
+  `DurableMiddleware` with that store (``LOAD_SQLITE`` path, ``LOAD_REDIS`` and
+  ``LOAD_POSTGRES`` URLs), key from the ``Durable-Key`` header;
 - ``frs``: the PyPI package ``fastapi-resumable-stream`` (Redis list + pub/sub), wired as its
   README does: ``start`` a missing stream, else ``resume(after=0)``;
 - ``rs``: the PyPI package ``resumable-stream`` (a port of Vercel's: Redis pub/sub between the
@@ -124,7 +125,7 @@ async def health(request: Request) -> Response:
 _endpoint = {"frs": live_frs, "rs": live_rs}.get(VARIANT, live)
 app = Starlette(routes=[Route("/live", _endpoint), Route("/health", health)])
 
-if VARIANT in ("memory", "sqlite", "redis"):
+if VARIANT in ("memory", "sqlite", "redis", "postgres"):
     # Each variant imports only the store it uses, as an app would (SQLiteStore brings
     # sqlite3).
     from durable_asgi import DurableMiddleware
@@ -140,5 +141,15 @@ if VARIANT in ("memory", "sqlite", "redis"):
     else:
         from durable_asgi import store_from_url
 
-        store = store_from_url(REDIS_URL)
+        store = store_from_url(REDIS_URL if VARIANT == "redis" else os.environ["LOAD_POSTGRES"])
     app.add_middleware(DurableMiddleware, store=store)  # type: ignore[arg-type]
+    if VARIANT == "postgres" and os.environ.get("LOAD_STATS"):
+        # What the store cost the database, for bench/load.py's table: written when the
+        # middleware closes the store at shutdown (uvicorn re-raises SIGTERM: no atexit).
+        close = store.close
+
+        async def close_and_report() -> None:
+            await close()
+            await anyio.Path(os.environ["LOAD_STATS"]).write_text(str(store.round_trips))
+
+        store.close = close_and_report

@@ -5,9 +5,9 @@
     python bench/peers.py --rounds 1       # one round instead of three
 
 Variants (all `bench/load_app.py` on one uvicorn worker, the same Starlette endpoint):
-``bare`` (no resumability), durable_asgi with ``memory``, ``sqlite`` and ``redis`` stores, and
-the PyPI packages ``fastapi-resumable-stream`` (``frs``) and ``resumable-stream`` (``rs``),
-wired as their READMEs show, on the same Redis as durable_asgi's Redis store.
+``bare`` (no resumability), durable_asgi with ``memory``, ``sqlite``, ``redis`` and ``postgres``
+stores, and the PyPI packages ``fastapi-resumable-stream`` (``frs``) and ``resumable-stream``
+(``rs``), wired as their READMEs show, on the same Redis as durable_asgi's Redis store.
 
 Measured (the client is a separate asyncio process on raw sockets):
 
@@ -43,14 +43,25 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from load import ROOT, Sampler, Stats, percentiles, read_stream, redis_server, serve
+from load import (
+    ROOT,
+    Sampler,
+    Stats,
+    drop_postgres_schemas,
+    percentiles,
+    postgres_url,
+    read_stream,
+    redis_server,
+    serve,
+)
 
-VARIANTS = ["bare", "memory", "sqlite", "redis", "frs", "rs"]
+VARIANTS = ["bare", "memory", "sqlite", "redis", "postgres", "frs", "rs"]
 LABELS = {
     "bare": "bare app",
     "memory": "durable_asgi memory",
     "sqlite": "durable_asgi SQLite",
     "redis": "durable_asgi Redis",
+    "postgres": "durable_asgi PostgreSQL",
     "frs": "fastapi-resumable-stream",
     "rs": "resumable-stream",
 }
@@ -203,7 +214,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for r in rows
     ]
     colors = ["#999999" if r["variant"] == "bare" else
-              "#2b6cb0" if r["variant"] in ("memory", "sqlite", "redis") else "#c05621"
+              "#2b6cb0" if r["variant"] in ("memory", "sqlite", "redis", "postgres") else "#c05621"
               for r in rows]  # fmt: skip
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     panels = [
@@ -261,10 +272,14 @@ def main(argv: list[str] | None = None) -> None:
         if redis is None:
             print("skipping redis, frs, rs: no Redis (install redis-server or pass --redis)")
             variants = [v for v in variants if v not in ("redis", "frs", "rs")]
+        if "postgres" in variants and postgres_url() is None:
+            print("skipping postgres: no PostgreSQL (set POSTGRES_URL)")
+            variants.remove("postgres")
         for n, variant in ((n, v) for n in range(args.rounds) for v in variants):
             print(f"round {n + 1}: {variant} ...", file=sys.stderr, flush=True)
             try:
                 results.setdefault(variant, []).append(run_variant(variant, args, redis, Path(tmp)))
+                drop_postgres_schemas()
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
                 stderr = getattr(exc, "stderr", b"") or b""
                 tail = (

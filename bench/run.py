@@ -1,6 +1,6 @@
 """Benchmarks: durable_asgi against the bare app, every variant in one run, printed as tables.
 
-    python bench/run.py                          # all workloads; bare, memory, sqlite, redis
+    python bench/run.py                          # all workloads; bare and every store
     python bench/run.py --quick                  # 1 round, smaller extras
     python bench/run.py --rounds 5 --stores memory --workloads token,flat --json out.json
 
@@ -8,10 +8,12 @@ Every variant is the same Starlette app (`bench/app.py`) served by its own uvico
 worker, ``--http httptools`` by default -- what uvicorn picks when installed as
 ``uvicorn[standard]``; ``--http h11`` for the pure-Python parser; the default event loop) on a
 loopback port: ``bare`` (no middleware) and DurableMiddleware with the ``memory``, ``sqlite``
-(a fresh database file per server) and ``redis`` (`redis_url()`) stores. Durable requests carry
-a fresh ``Durable-Key`` per stream, so the handler runs and every byte goes through the store and
-back out to the client. The client is this process: asyncio, raw sockets, one HTTP/1.1
-connection per stream, chunked decoding; nothing is pinned to a core.
+(a fresh database file per server), ``redis`` (`redis_url()`) and ``postgres``
+(``$POSTGRES_URL`` or 127.0.0.1:5432 database ``test``; a fresh schema per server, dropped
+after) stores. Durable requests carry a fresh ``Durable-Key`` per stream, so the handler runs
+and every byte goes through the store and back out to the client. The client is this process:
+asyncio, raw sockets, one HTTP/1.1 connection per stream, chunked decoding; nothing is pinned
+to a core.
 
 Main table (``--workloads token,flat``), a handler that awaits between events, as an LLM relay
 does -- a Starlette ``StreamingResponse`` async generator yielding 20-byte SSE events
@@ -59,7 +61,12 @@ Extra rows and tables (``--workloads coalesce,passthrough,resume,replay,fanout``
   store): the 20,000-event (400 kB) and a 200-event token-paced stream, p50/p99 of 30 each.
 - fan-out latency: a stream of timestamped chunks produced on server A; a follower connected to
   server B (another process, same store) measures producer's send -> follower's receive, p50/p99,
-  for the stores shared between processes (SQLite, Redis).
+  for the stores shared between processes (SQLite, Redis, PostgreSQL).
+
+``--otel``: rows of the memory store with OpenTelemetry absent (``mem-noapi``), metrics on
+(``mem+m``: the SDK's MeterProvider, in-memory reader) and metrics and traces on (``mem+mt``:
+also a TracerProvider exporting to memory), beside ``memory`` (the API, nothing configured);
+in the main table only (``docs/benchmarks.md``, OpenTelemetry).
 
 ``--quick``: 1 round (unless ``--rounds``), 5 coalescing streams, 2,000 pass-through requests,
 100 resumes, 10 replays, 2 fan-out streams; the token and flat workloads keep their size.
@@ -88,6 +95,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from load import drop_postgres_schemas, fresh_postgres, postgres_url
+
 ROOT = Path(__file__).resolve().parent.parent
 CHUNKS = 10_000  # the coalescing stream's chunks (bench/app.py's BENCH_CHUNKS)
 CHUNK = b"x" * 31 + b"\n"
@@ -96,7 +105,7 @@ MAIN = ("token", "flat")
 EXTRA = ("coalesce", "passthrough")
 TABLES = ("resume", "replay", "fanout")
 WORKLOADS = MAIN + EXTRA + TABLES
-STORES = ("memory", "sqlite", "redis")
+STORES = ("memory", "sqlite", "redis", "postgres")
 
 
 def event(i: int) -> bytes:
@@ -142,10 +151,11 @@ class Server:
 
 
 @contextmanager
-def serve(store: str, http: str) -> Iterator[Server]:
-    """A uvicorn process (one worker) serving bench/app.py with `store` (``bare`` or a URL)."""
+def serve(store: str, http: str, otel: str = "") -> Iterator[Server]:
+    """A uvicorn process (one worker) serving bench/app.py with `store` (``bare`` or a URL)
+    and OpenTelemetry `otel` (``BENCH_OTEL``: "", ``absent``, ``metrics``, ``traces``)."""
     port = free_port()
-    env = {**os.environ, "BENCH_STORE": store, "BENCH_CHUNKS": str(CHUNKS)}
+    env = {**os.environ, "BENCH_STORE": store, "BENCH_CHUNKS": str(CHUNKS), "BENCH_OTEL": otel}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT / "src")])
     proc = subprocess.Popen(
         [
@@ -593,7 +603,7 @@ def print_table(
     title: str, unit: str, results: dict[str, dict[str, list[Result]]], labels: dict[str, str]
 ) -> None:
     columns = (
-        f"{'workload':<12} {'variant':<8} {f'server µs/{unit}':>17} {'x bare':>7} "
+        f"{'workload':<12} {'variant':<9} {f'server µs/{unit}':>17} {'x bare':>7} "
         f"{f'{unit}s/s':>11} {'x bare':>7} {'server %':>9} {'client %':>9} "
         f"{f'{unit}s/read':>12}  delivered"
     )
@@ -607,7 +617,7 @@ def print_table(
             per_read = f"{m['per_read']:.1f}" if m["per_read"] else "-"
             ok = "ok" if m["delivered"] == m["expected"] else "FAILED"
             print(
-                f"{labels[workload]:<12} {variant:<8} {m['us']:>17.1f} {cpu_x:>7} "
+                f"{labels[workload]:<12} {variant:<9} {m['us']:>17.1f} {cpu_x:>7} "
                 f"{m['rate']:>11,.0f} {rate_x:>7} {m['server_pct']:>8.0f}% "
                 f"{m['client_pct']:>8.0f}% {per_read:>12}  "
                 f"{m['delivered']:,}/{m['expected']:,} {ok}"
@@ -640,6 +650,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--http", default="httptools", choices=("httptools", "h11"), help="uvicorn's --http"
     )
     parser.add_argument("--json", help="also write every result to this file")
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="add memory-store rows with OpenTelemetry absent, metrics on, metrics+traces on",
+    )
     args = parser.parse_args(argv)
     for option, allowed in (("stores", STORES), ("workloads", WORKLOADS)):
         chosen = [x for x in getattr(args, option).split(",") if x]
@@ -682,8 +697,15 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="durable-bench-"))
     variants: dict[str, Callable[[], str]] = {"bare": lambda: "bare"}
+    otel: dict[str, str] = {}  # variant -> BENCH_OTEL
     if "memory" in args.stores:
         variants["memory"] = lambda: "memory://"
+    if args.otel:
+        # The memory store, with OpenTelemetry absent (its import blocked), and with the SDK
+        # configured (in-memory reader, exporter): metrics, then metrics and traces.
+        for name, mode in (("mem-noapi", "absent"), ("mem+m", "metrics"), ("mem+mt", "traces")):
+            variants[name] = lambda: "memory://"
+            otel[name] = mode
     if "sqlite" in args.stores:  # a fresh database per server (sqlite3: standard library)
         variants["sqlite"] = lambda: f"sqlite:///{tmp / f'bench-{uuid.uuid4().hex[:8]}.db'}"
     if "redis" in args.stores:
@@ -692,6 +714,12 @@ def main(argv: list[str] | None = None) -> int:
             variants["redis"] = lambda: redis
         else:
             print("redis: skipped (no Redis at $REDIS_URL or 127.0.0.1:6379)", file=sys.stderr)
+    if "postgres" in args.stores:
+        postgres = postgres_url()
+        if postgres:
+            variants["postgres"] = lambda: fresh_postgres(postgres)
+        else:
+            print("postgres: skipped (no PostgreSQL at $POSTGRES_URL or :5432)", file=sys.stderr)
 
     per_round = [w for w in (*MAIN, *EXTRA) if w in args.workloads]
     results: dict[str, dict[str, list[Result]]] = {
@@ -715,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 progress(f"round {round_ + 1}/{args.rounds}: {name}")
                 durable = name != "bare"
-                with serve(variants[name](), args.http) as server:
+                with serve(variants[name](), args.http, otel.get(name, "")) as server:
                     warm_up(loop, server, durable)
                     for w in per_round:
                         if w == "passthrough":
@@ -728,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
                             failures.append(line)
                             print(f"!!! {line}", file=sys.stderr, flush=True)
         for name in names[1:]:
+            if name in otel:
+                continue  # the main table's rows only
             if {"resume", "replay"} & set(args.workloads):
                 progress(f"resume/replay: {name}")
                 with serve(variants[name](), args.http) as server:
@@ -742,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         loop.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        drop_postgres_schemas()
     elapsed = time.monotonic() - started
 
     loop_name = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"

@@ -8,6 +8,10 @@ it shows the same answer, live. The store is the SQLite file ``durable-demo.db``
 The page (``examples/common/index.html``, shared with the Django example) sends each turn as
 ``POST /api/chat`` with a ``Durable-Key`` header it made up for that turn; after a reload it
 sends the same request again, which joins the stored answer instead of calling the model.
+
+With ``DURABLE_ASGI_METRICS=prometheus`` (``DURABLE_ASGI_METRICS=prometheus bash scripts/demo``)
+the app configures OpenTelemetry's SDK with its Prometheus exporter and serves ``/metrics``:
+the setup ``docs/operations.md`` describes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from durable_asgi import DurableMiddleware, keys, store_from_url
@@ -28,6 +32,21 @@ PAGE = Path(model.__file__).with_name("index.html")
 STORE_URL = os.environ.get("DURABLE_ASGI_STORE", "sqlite:///durable-demo.db")
 
 app = FastAPI(title="durable_asgi chat demo")
+
+if os.environ.get("DURABLE_ASGI_METRICS") == "prometheus":
+    # The application owns the SDK: a global MeterProvider read by Prometheus at /metrics.
+    from opentelemetry import metrics
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    metrics.set_meter_provider(MeterProvider(metric_readers=[PrometheusMetricReader()]))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
 app.add_middleware(
     DurableMiddleware,
     store=store_from_url(STORE_URL),

@@ -36,13 +36,14 @@ from .keys import Key
 from .stores import Lease, MemoryStore, Store, StreamInfo, store_from_url
 
 if TYPE_CHECKING:
+    from .stores.postgres import PostgresStore
     from .stores.redis import RedisStore
     from .stores.sqlite import SQLiteStore
 
 
 def __getattr__(name: str) -> Any:
-    # SQLiteStore and RedisStore need optional extras: import them on first use.
-    if name in ("SQLiteStore", "RedisStore"):
+    # SQLiteStore, RedisStore and PostgresStore need optional extras: import on first use.
+    if name in ("SQLiteStore", "RedisStore", "PostgresStore"):
         from . import stores
 
         return getattr(stores, name)
@@ -61,6 +62,7 @@ __all__ = [
     "Lease",
     "LeaseLost",
     "MemoryStore",
+    "PostgresStore",
     "RedisStore",
     "RequestTooLarge",
     "SQLiteStore",

@@ -13,11 +13,18 @@ import asyncio
 import functools
 import heapq
 import itertools
+import time
+from typing import TYPE_CHECKING
 
 import anyio
 
 from ._producer import Producer, Stop
+from ._telemetry import OFF, Telemetry, store_kind
 from .stores._base import Store, write_all
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["FLUSH_WINDOW", "MIN_WINDOW", "PER_STREAM", "Engine", "Flusher", "Renewer"]
 
@@ -37,13 +44,24 @@ their chunks where the CPU is the limit."""
 
 
 class Engine:
-    """The store, opened once, and the producers running in this process."""
+    """The store, opened once, the producers running in this process, and their telemetry
+    (made when the store opens, from the providers given, else the global ones: an app that
+    configures OpenTelemetry at startup, after building the middleware, is reported)."""
 
-    def __init__(self, store: Store, *, flush_window: float = FLUSH_WINDOW) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        flush_window: float = FLUSH_WINDOW,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         if not 0 <= flush_window <= 1:
             raise ValueError(f"flush_window must be between 0 and 1 second, not {flush_window!r}")
         self.store = store
         self.flush_window = flush_window
+        self.telemetry = OFF
+        self._providers = (meter_provider, tracer_provider)
         self.producers: dict[str, Producer] = {}
         self._opened = False
         # Made on first use: a lock or task made here would belong to whichever event loop
@@ -56,7 +74,7 @@ class Engine:
         """The flusher of the running (asyncio) event loop."""
         loop = asyncio.get_running_loop()
         if self._flusher is None or self._flusher.loop is not loop:
-            self._flusher = Flusher(self.store, loop, self.flush_window)
+            self._flusher = Flusher(self.store, loop, self.flush_window, self.telemetry)
         return self._flusher
 
     def renewer(self) -> Renewer:
@@ -72,6 +90,11 @@ class Engine:
                 self._open_lock = anyio.Lock()
             async with self._open_lock:
                 if not self._opened:
+                    if self.telemetry is OFF:
+                        meter, tracer = self._providers
+                        self.telemetry = Telemetry(
+                            store_kind(self.store), meter_provider=meter, tracer_provider=tracer
+                        )
                     await self.store.open()
                     self._opened = True
 
@@ -132,13 +155,19 @@ class Flusher:
         "_window_ends",
         "loop",
         "store",
+        "telemetry",
         "window",
     )
 
     def __init__(
-        self, store: Store, loop: asyncio.AbstractEventLoop, window: float = FLUSH_WINDOW
+        self,
+        store: Store,
+        loop: asyncio.AbstractEventLoop,
+        window: float = FLUSH_WINDOW,
+        telemetry: Telemetry = OFF,
     ) -> None:
         self.store = store
+        self.telemetry = telemetry
         self.loop = loop
         self.window = window
         self._dirty: dict[Producer, None] = {}  # in the order they had something to store
@@ -188,10 +217,15 @@ class Flusher:
                 if not writes:
                     continue
                 self._next = min(self.window, MIN_WINDOW + PER_STREAM * len(writes))
+                start = time.perf_counter()
                 try:
                     outcomes = await write_all(self.store, writes)
                 except Exception as exc:  # the store failed as a whole
                     outcomes = [exc] * len(writes)
+                if self.telemetry.appended is not None:
+                    self.telemetry.flushed(
+                        sum(len(write.data) for write in writes), time.perf_counter() - start
+                    )
                 for producer, outcome in zip(owners, outcomes, strict=True):
                     producer.written(outcome)
         finally:

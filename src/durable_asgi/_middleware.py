@@ -22,14 +22,17 @@ from ._options import OptionFields, StreamOptions
 from ._producer import Producer
 from ._protocol import Control, parse_control, parse_offset, send_json
 from ._reader import serve_info
-from ._request import DurableRequest, replay_body
+from ._request import DurableRequest, header, replay_body
 from ._routes import RequestMark, RouteResolver
+from ._telemetry import Reading
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .exceptions import BadRequest, ClientDisconnected, StoreError, StoreFull
 from .stores import Store, default_store
 from .stores._base import Lease, StreamInfo, is_claimable, stream_id
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
     from typing_extensions import Unpack
 
 __all__ = ["DurableMiddleware"]
@@ -79,6 +82,11 @@ class DurableMiddleware:
             (less CPU per chunk) under load; shorter: joiners, resumers and other workers see
             live chunks sooner. The first client is fed inline either way
             (`docs/protocol.md`). asyncio only (on trio each stream stores as it goes).
+        meter_provider: the OpenTelemetry `MeterProvider` to report metrics to (default: the
+            global one, as of when the store opens; none configured: no metrics, at no cost).
+            Needs ``opentelemetry-api`` (the ``otel`` extra); see ``docs/operations.md``.
+        tracer_provider: the `TracerProvider` for the spans of productions and resumes
+            (default: the global one, likewise).
     """
 
     def __init__(
@@ -92,6 +100,8 @@ class DurableMiddleware:
         shutdown_grace: float = 10.0,
         client_path: str | None = "/_durable/",
         flush_window: float = FLUSH_WINDOW,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
         **overrides: Unpack[OptionFields],
     ) -> None:
         if routes not in ("all", "decorated"):
@@ -105,7 +115,12 @@ class DurableMiddleware:
         self.routes = routes
         self.shutdown_grace = shutdown_grace
         self.client_path = client_path
-        self.engine = Engine(self.store, flush_window=flush_window)
+        self.engine = Engine(
+            self.store,
+            flush_window=flush_window,
+            meter_provider=meter_provider,
+            tracer_provider=tracer_provider,
+        )
         self._methods = frozenset(m.upper() for m in methods) - {"HEAD", "OPTIONS"}
         self._routes = RouteResolver(self.app)
 
@@ -325,6 +340,7 @@ class _Exchange:
             body = await request.body()
             owner = None if options.owner is None else await keys.resolve(options.owner, request)
         except BadRequest as exc:
+            self._refuse("body_too_large" if exc.status_code == 413 else "bad_input", exc)
             await send_json(self.send, exc.status_code, {"error": exc.detail})
             return
         except ClientDisconnected:
@@ -332,20 +348,36 @@ class _Exchange:
 
         namespace = key.namespace if isinstance(key, keys.Key) else None
         if namespace is None:
-            namespace = options.namespace if options.namespace is not None else self.scope["path"]
+            namespace = options.namespace
+        # Telemetry's namespace attribute: one the app named, never the path (ids in it).
+        self.label = namespace
+        if namespace is None:
+            namespace = self.scope["path"]
         self.key = str(key)
         self.stream_id = stream_id(namespace, self.key, owner)
+        engine = self.middleware.engine
         try:
-            await self.middleware.engine.ensure_open()
+            await engine.ensure_open()
             if control is not None:
                 await self._control(control)
             else:
                 await self._stream(offset, body)
         except StoreFull as exc:
+            engine.telemetry.refuse("store_full", 503, self.stream_id)
             await send_json(self.send, 503, {"error": str(exc)}, [(b"retry-after", b"5")])
         except StoreError as exc:
-            logger.error("durable_asgi: store unavailable: %s", exc)
+            engine.telemetry.refuse("store_unavailable", 503, self.stream_id)
+            logger.error(
+                "durable_asgi: store unavailable: %s",
+                exc,
+                extra=engine.telemetry.record("store_unreachable", self.stream_id),
+            )
             await send_json(self.send, 503, {"error": "durable store unavailable"})
+
+    def _refuse(self, reason: str, exc: BadRequest) -> None:
+        """Count a request refused before its stream is known (the store may not be open:
+        then telemetry is off, as nothing durable has happened yet)."""
+        self.middleware.engine.telemetry.refuse(reason, exc.status_code)
 
     async def _pass_through(self, request: DurableRequest) -> None:
         receive = self.receive
@@ -356,13 +388,15 @@ class _Exchange:
 
     async def _stream(self, offset: int | None, body: bytes) -> None:
         mw = self.middleware
-        store, options = mw.engine.store, self.options
+        store, options, telemetry = mw.engine.store, self.options, mw.engine.telemetry
         if offset is not None:
             # A resume never starts a handler: there must be a stream to resume. A failed one
             # still serves its stored bytes (then ends abnormally), like an aborted one.
+            reading = telemetry.reading(_resume_kind(self.scope["headers"]))
             info = await store.info(self.stream_id)
             if info is None or (is_claimable(info) and info.state != "failed"):
                 state = "absent" if info is None else info.state
+                telemetry.refuse("not_found", 416, self.stream_id)
                 await send_json(
                     self.send,
                     416,
@@ -370,7 +404,7 @@ class _Exchange:
                     [(b"durable-state", state.encode())],
                 )
                 return
-            await serve_info(store, info, offset, options, self.receive, self.send)
+            await self._serve(info, offset, reading)
             return
 
         if "no_content" in (options.on_finished, options.on_absent):
@@ -382,16 +416,20 @@ class _Exchange:
                 state = "absent" if info is None or absent else info.state
                 await send_json(self.send, 204, None, [(b"durable-state", state.encode())])
                 return
-        claimed = await store.claim(
-            self.stream_id,
-            lease_seconds=options.lease_seconds,
-            replace=options.on_finished == "rerun",
+        reading = telemetry.reading("join")
+        claimed = await telemetry.timed(
+            "claim",
+            lambda: store.claim(
+                self.stream_id,
+                lease_seconds=options.lease_seconds,
+                replace=options.on_finished == "rerun",
+            ),
         )
         if not isinstance(claimed, Lease):
-            await serve_info(store, claimed, 0, options, self.receive, self.send)
+            await self._serve(claimed, 0, reading)
             return
 
-        producer = Producer(mw.engine, claimed, options)
+        producer = Producer(mw.engine, claimed, options, self.label)
         await producer.serve(mw.app, self.scope, body, self.receive, self.send)
         if producer.error is not None:
             # Surface the handler's exception as the app alone would have (error pages, logs).
@@ -399,11 +437,26 @@ class _Exchange:
         if producer.client_error is not None:
             raise producer.client_error
 
+    async def _serve(self, info: StreamInfo, offset: int, reading: Reading | None) -> None:
+        """Serve a joiner or resumer from the store (and report it, with `reading`)."""
+        engine = self.middleware.engine
+        if reading is None:
+            await serve_info(engine.store, info, offset, self.options, self.receive, self.send)
+            return
+        try:
+            with engine.telemetry.reader():
+                await serve_info(
+                    engine.store, info, offset, self.options, self.receive, self.send, reading
+                )
+        finally:
+            engine.telemetry.read(reading, self.stream_id, self.label)
+
     async def _control(self, control: Control) -> None:
         mw = self.middleware
         if control == "status":
             info = await mw.engine.store.info(self.stream_id)
             if info is None:
+                mw.engine.telemetry.refuse("not_found", 404, self.stream_id)
                 await send_json(
                     self.send, 404, {"state": "absent"}, [(b"durable-state", b"absent")]
                 )
@@ -420,3 +473,11 @@ class _Exchange:
         else:
             await mw.engine.delete(self.stream_id)
             await send_json(self.send, 204, None)
+
+
+def _resume_kind(raw: list[tuple[bytes, bytes]]) -> str:
+    """How a resume named its offset: ``offset`` (``Durable-Offset`` or ``Range``) or
+    ``last_event_id`` (an `EventSource` reconnecting, with ``sse_ids``)."""
+    if header(raw, b"durable-offset") is None and header(raw, b"range") is None:
+        return "last_event_id"
+    return "offset"

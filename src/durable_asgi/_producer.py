@@ -116,10 +116,14 @@ class Producer:
             raise producer.error
     """
 
-    def __init__(self, engine: Engine, lease: Lease, options: StreamOptions) -> None:
+    def __init__(
+        self, engine: Engine, lease: Lease, options: StreamOptions, namespace: str | None = None
+    ) -> None:
         self.engine = engine
         self.lease = lease
         self.options = options
+        self.namespace = namespace
+        """The namespace the app named (telemetry's attribute; None: the request path)."""
         self.phase = Phase.STARTING
         self.state: FinalState = "failed"
         """The state the stream ends in: decided when the handler ends (a stop after that,
@@ -151,6 +155,9 @@ class Producer:
         self._handler = anyio.CancelScope()  # `stop` cancels it
         self._keeping = anyio.CancelScope()  # the keeper runs in it until the writer is done
         self._client = anyio.CancelScope()  # the first client's reader; the keeper cancels it
+        self.telemetry = telemetry = engine.telemetry
+        self._span = telemetry.stream_started(lease.stream_id, namespace)
+        self._traceparent = telemetry.traceparent(self._span)  # stored with the head
 
     # -- state -----------------------------------------------------------------------------
 
@@ -163,6 +170,7 @@ class Producer:
             if at <= phase:
                 flag.set()
         if phase is Phase.DONE:
+            self._finished()  # before anyone waiting for the end hears of it
             if self.engine.producers.get(self.lease.stream_id) is self:
                 # No longer this process's to abort or shut down.
                 del self.engine.producers[self.lease.stream_id]
@@ -183,6 +191,13 @@ class Producer:
         """Stop the handler. The first reason stands, except that a revoked lease (deleted,
         lost) wins over any: this producer may not write again, whatever it was doing."""
         if self.stop_reason is None or (why in _REVOKED and self.stop_reason not in _REVOKED):
+            # Reported while the stream is this producer's: a renewal answered after the end
+            # was stored (it raced the finish) is no lost lease.
+            if self.phase < Phase.DONE and self.stored is None:
+                if why is Stop.LEASE_LOST and self.stop_reason is not Stop.LEASE_LOST:
+                    self.telemetry.lease_lost(self.lease.stream_id, self.namespace, self._span)
+                if self._span is not None:
+                    self._span.add_event("stopped", {"durable_asgi.reason": why.name.lower()})
             self.stop_reason, self.detail = why, detail
         self._handler.cancel()
 
@@ -221,7 +236,8 @@ class Producer:
                     if self._renewer is None or receive is not None:
                         beside.start_soon(self._keep, receive)
                     try:
-                        await self._run_app(app, scope, app_receive)
+                        with self.telemetry.current(self._span):
+                            await self._run_app(app, scope, app_receive)
                     finally:
                         # The client's reader ends now if no head came; the writer stores
                         # what is pending; then the end is recorded.
@@ -230,6 +246,15 @@ class Producer:
                         await self._close()
         finally:
             self._advance(Phase.DONE)
+
+    def _finished(self) -> None:
+        """Report how the stream ended (telemetry; a failure is logged)."""
+        state = "failed" if self._store_failed else self.state
+        why = self.stop_reason
+        reason = why.name.lower() if why is not None and state != "complete" else ""
+        self.telemetry.stream_finished(
+            self.lease.stream_id, self.namespace, self._span, state, reason, self.detail
+        )
 
     async def _run_app(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
         if self.options.max_duration is not None:
@@ -254,7 +279,9 @@ class Producer:
             status = int(message["status"])
             headers = tuple((bytes(k), bytes(v)) for k, v in message.get("headers") or ())
             self.head = (status, headers)
-            self.buffer.head = (status, stored_headers(headers))
+            self.buffer.head = (status, stored_headers(headers) + self._traceparent)
+            if self._span is not None:
+                self._span.add_event("head", {"http.response.status_code": status})
             self._advance(Phase.STREAMING)
             self._pending()
             if self.client is not None:
@@ -310,7 +337,14 @@ class Producer:
             if isinstance(error, LeaseLost):
                 self.stop(Stop.LEASE_LOST)
             else:
-                logger.error("durable_asgi: store failed for %r: %s", self.lease.stream_id, error)
+                logger.error(
+                    "durable_asgi: store failed for %r: %s",
+                    self.lease.stream_id,
+                    error,
+                    extra=self.telemetry.record(
+                        "store_unreachable", self.lease.stream_id, operation="append_batch"
+                    ),
+                )
                 self.stop(Stop.STORE_ERROR, str(error))
                 self._store_failed = True
             self.buffer.close()  # from here on `_send` drops data, and nothing waits
@@ -323,6 +357,7 @@ class Producer:
         while not buffer.closed:
             await buffer.wait_for_work()
             while (write := self.take_write()) is not None:
+                start = anyio.current_time()
                 try:
                     if write.head is not None:
                         await store.start(write.lease, *write.head)
@@ -332,6 +367,7 @@ class Producer:
                     self.written(exc)
                 else:
                     self.written(None)
+                    self.telemetry.flushed(len(write.data), anyio.current_time() - start)
             if self.phase >= Phase.CLOSING:
                 return
 
@@ -344,11 +380,16 @@ class Producer:
                 await buffer.wait_drained()
             write = self.take_write()
             if write is not None:  # the rest, now: the end isn't kept waiting for a window
+                start = anyio.current_time()
                 self.written((await write_all(store, [write]))[0])
+                self.telemetry.flushed(len(write.data), anyio.current_time() - start)
             if not buffer.closed:
                 status = self.head[0] if self.head else 500
                 retain = 200 <= status < 300
-                await store.finish(lease, self.state, ttl=self.options.ttl, retain=retain)
+                await self.telemetry.timed(
+                    "finish",
+                    lambda: store.finish(lease, self.state, ttl=self.options.ttl, retain=retain),
+                )
                 self.stored = self.state
         except Exception as exc:
             self.written(exc)
@@ -356,12 +397,26 @@ class Producer:
             buffer.close()
             self._stop_keeping()
             if self._store_failed:
-                with (
-                    anyio.move_on_after(self.options.lease_seconds),
-                    contextlib.suppress(StoreError),
-                ):
-                    await store.finish(lease, "failed", ttl=self.options.ttl, retain=False)
+                await self._record_failure()
             self._advance(Phase.DONE)
+
+    async def _record_failure(self) -> None:
+        """The store failed mid-stream: record the stream `failed` as soon as the store answers
+        again (a restarting database, say), so the next request runs the handler afresh
+        instead of joining a dead stream. Tried until the lease would have run out: readers
+        see the stream failed from then on anyway."""
+        store, lease, delay = self.engine.store, self.lease, 0.05
+        with anyio.move_on_after(self.options.lease_seconds):
+            while True:
+                try:
+                    await store.finish(lease, "failed", ttl=self.options.ttl, retain=False)
+                except LeaseLost:
+                    return
+                except StoreError:
+                    await anyio.sleep(delay)
+                    delay = min(2 * delay, 1.0)
+                else:
+                    return
 
     # -- the first client ----------------------------------------------------------------------
 
@@ -394,15 +449,22 @@ class Producer:
         if self.head is None:
             return  # the app failed before responding: the caller re-raises its error
         store = self.engine.store
-        with self._client:
+        with self._client, self.telemetry.reader():
             try:
                 if self.client is None:
-                    await serve_stream(store, self._followed(), 0, self.options, None, send)
+                    await serve_stream(
+                        store, self._followed(), 0, self.options, None, send, fed=self.telemetry
+                    )
                 else:
                     await self._serve_live(self.client, send)
             except StoreError as exc:
                 logger.error(
-                    "durable_asgi: store failed while serving %r: %s", self.lease.stream_id, exc
+                    "durable_asgi: store failed while serving %r: %s",
+                    self.lease.stream_id,
+                    exc,
+                    extra=self.telemetry.record(
+                        "store_unreachable", self.lease.stream_id, operation="read"
+                    ),
                 )
             except Exception as exc:
                 self.client_error = exc
@@ -414,6 +476,7 @@ class Producer:
             self.engine.store, self.lease.stream_id, self.lease.token, 0, self.options.poll_interval
         )
         count_in = True
+        fed: int | None = None  # the offset it fell behind at, once it is fed from the store
         try:
             while not client.gone:
                 if client.first and count_in:  # once, whether or not the store takes it
@@ -421,7 +484,7 @@ class Producer:
                     await count_reader_in(tail)
                 if client.behind is not None:
                     if await client.caught_up():
-                        tail.offset = client.offset
+                        tail.offset = fed = client.offset
                         error = await send_body(tail, None, client.ids, send, count_in=count_in)
                         if error is not None:
                             raise error
@@ -437,6 +500,8 @@ class Producer:
         except OSError:
             pass  # ASGI 2.4+ servers raise OSError on send after the client left.
         finally:
+            if fed is not None:
+                self.telemetry.fed(tail.offset - fed)
             client.leave()
             if client.behind is not None and not client.behind.done():
                 client.behind.cancel()  # the client is gone: its send has no one to wait for
@@ -455,14 +520,17 @@ class Producer:
     async def renew(self) -> None:
         """Renew the lease once. Never raises: a lost lease stops the handler (and renewing),
         a store error is logged and the next renewal tries again."""
+        store, lease = self.engine.store, self.lease
         try:
-            await self.engine.store.renew(self.lease, lease_seconds=self.options.lease_seconds)
+            await self.telemetry.timed(
+                "renew", lambda: store.renew(lease, lease_seconds=self.options.lease_seconds)
+            )
         except LeaseLost:
             self.stop(Stop.LEASE_LOST)
             if self._renewer is not None:
                 self._renewer.remove(self)
         except StoreError as exc:
-            logger.warning("durable_asgi: renewing %r failed: %s", self.lease.stream_id, exc)
+            self.telemetry.renewal_failed(self.lease.stream_id, exc)
         except Exception:
             logger.exception("durable_asgi: renewing %r failed", self.lease.stream_id)
 

@@ -38,6 +38,9 @@ OFFSET = b"durable-offset"
 CONTROL = b"durable-control"
 REPLAY = b"durable-replay"
 STATE = b"durable-state"
+TRACEPARENT = b"durable-traceparent"
+"""A stored response header: the W3C ``traceparent`` of the span that produced the stream
+(telemetry links resumes to it). Never replayed."""
 
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _RANGE = re.compile(r"bytes=([0-9]{1,18})-")
@@ -145,6 +148,8 @@ def replay_headers(
                 length = int(value)
             except ValueError:
                 length = None
+            continue
+        elif name == TRACEPARENT:
             continue
         out.append((key, value))
     if not rewrite_body:

@@ -16,17 +16,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 
 from ._options import StreamOptions
 from ._protocol import SSEIds, is_event_stream, replay_headers, send_json
 from ._tasks import DONE, Beside, finish, step
+from ._telemetry import log_fields
 from ._types import Message, Receive, Send
 from .exceptions import StoreError
 from .stores._base import Headers, State, Store, StreamInfo, effective
+
+if TYPE_CHECKING:
+    from ._telemetry import Reading, Telemetry
 
 __all__ = [
     "READ_SIZE",
@@ -72,21 +78,39 @@ class Tail:
     """
 
     def __init__(
-        self, store: Store, stream_id: str, generation: str, offset: int, poll: float
+        self,
+        store: Store,
+        stream_id: str,
+        generation: str,
+        offset: int,
+        poll: float,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
         self.stream_id = stream_id
         self.generation = generation
-        self.offset = offset
+        self.start = self.offset = offset
         self.poll = poll
         self.end = ""
         self.counted = False
         """Whether this reader was counted in `StreamInfo.readers` (and must be counted out)."""
+        self.first_at: float | None = None
+        """When (`time.perf_counter`) the first body chunk went to the client."""
+        self.telemetry = telemetry
+        """Where to record each read's duration (None: nowhere)."""
 
     async def __aiter__(self) -> AsyncGenerator[bytes, None]:
         store, stream_id, generation = self.store, self.stream_id, self.generation
+        telemetry = self.telemetry
+        if telemetry is not None and telemetry.store_duration is None:
+            telemetry = None
         while True:
-            info, data = await store.read(stream_id, self.offset, READ_SIZE)
+            if telemetry is None:
+                info, data = await store.read(stream_id, self.offset, READ_SIZE)
+            else:
+                start = time.perf_counter()
+                info, data = await store.read(stream_id, self.offset, READ_SIZE)
+                telemetry.store_op("read", time.perf_counter() - start)
             if info is None or info.generation != generation:
                 self.end = "gone"
                 return
@@ -219,11 +243,15 @@ async def serve_info(
     options: StreamOptions,
     receive: Receive | None,
     send: Send,
+    reading: Reading | None = None,
 ) -> None:
     """Serve a joiner or resumer the stream `info` is a snapshot of, from `offset`: once its
-    head is stored, or with 502 if it ended without one, or 416 past the end of a finished one."""
+    head is stored, or with 502 if it ended without one, or 416 past the end of a finished one.
+    `reading` (telemetry) is told what was served."""
     latest = await wait_for_head(store, info, options.poll_interval)
     if latest is None or latest.status_code is None:
+        if reading is not None:
+            reading.refused = 502
         await send_json(
             send,
             502,
@@ -233,6 +261,8 @@ async def serve_info(
         return
     total = latest.offset if latest.finished else None
     if total is not None and offset > total:
+        if reading is not None:
+            reading.refused = 416
         await send_json(
             send,
             416,
@@ -249,7 +279,9 @@ async def serve_info(
         replay=True,
         total=total,
     )
-    await serve_stream(store, followed, offset, options, receive, send)
+    if reading is not None:
+        reading.headers = followed.headers
+    await serve_stream(store, followed, offset, options, receive, send, reading)
 
 
 async def serve_stream(
@@ -259,12 +291,15 @@ async def serve_stream(
     options: StreamOptions,
     receive: Receive | None,
     send: Send,
+    reading: Reading | None = None,
+    fed: Telemetry | None = None,
 ) -> None:
     """Serve one client `stream` from `offset`, then end as the stream did.
 
     `receive` is watched for the client leaving; the first client's producer watches it
     instead (pass None). Raises what the reader met unexpectedly (not store errors, which can
-    only truncate the body once its head is out).
+    only truncate the body once its head is out). A joiner's or resumer's `reading` is told
+    what was served; `fed` is told the bytes a first client was served (off asyncio).
     """
     sse = options.sse_ids and is_event_stream(stream.headers)
     out_headers = replay_headers(
@@ -277,6 +312,9 @@ async def serve_stream(
         rewrite_body=sse,
     )
     tail = Tail(store, stream.stream_id, stream.generation, offset, options.poll_interval)
+    if reading is not None:
+        reading.tail = tail
+        tail.telemetry = reading.telemetry
     ids = SSEIds(offset) if sse else None
     head = {"type": "http.response.start", "status": stream.status, "headers": out_headers}
     try:
@@ -287,6 +325,8 @@ async def serve_stream(
         else:
             await _pump(tail, head, ids, receive, send)
     finally:
+        if fed is not None:
+            fed.fed(tail.offset - tail.start)
         if tail.counted:
             with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
                 await store.attach(stream.stream_id, -1)
@@ -338,6 +378,7 @@ async def send_body(
                 await send({"type": "http.response.body", "body": data, "more_body": True})
                 if count_in:  # once, whether or not the store takes it
                     count_in = False
+                    tail.first_at = time.perf_counter()
                     await count_reader_in(tail)
         if tail.end == "complete":
             last = ids.flush() if ids is not None else b""
@@ -348,7 +389,12 @@ async def send_body(
         pass  # ASGI 2.4+ servers raise OSError on send after the client left.
     except StoreError as exc:
         # Headers are out: the only honest answer left is a truncated body.
-        logger.error("durable_asgi: store failed while reading %r: %s", tail.stream_id, exc)
+        logger.error(
+            "durable_asgi: store failed while reading %r: %s",
+            tail.stream_id,
+            exc,
+            extra=log_fields("store_unreachable", tail.stream_id, operation="read"),
+        )
     except Exception as exc:
         return exc  # re-raised bare by the caller, not wrapped in an ExceptionGroup
     return None

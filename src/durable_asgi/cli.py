@@ -6,10 +6,12 @@
     durable-asgi show '/api/chat#42' --body --offset 1024
     durable-asgi delete '/api/chat#42'
     durable-asgi purge
+    durable-asgi --store sqlite:///durable.db stats      # streams by state, bytes, oldest running
     durable-asgi proxy --store sqlite:///proxy.db --allow 'https://api.openai.com/v1/**'
 
 A stream's ID is its store id as `list` prints it: ``<namespace>#<key>`` (the namespace is the
-request path by default), or ``sha256:…`` for hashed keys and owner-bound streams.
+request path by default), or ``sha256:…`` for hashed keys and owner-bound streams. `show`
+also prints its ``hash``: the id logs and traces name it by (``docs/operations.md``).
 
 Exit status: 0 done; 1 the stream doesn't exist, or the store failed; 2 a usage error (bad
 arguments, no store given, an unknown store URL; for `proxy`, no ``--allow``).
@@ -21,6 +23,7 @@ interrupted; its store defaults to ``$DURABLE_ASGI_STORE``, else memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,7 +34,8 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 
-from .stores import ENV_VAR, Store, StoreError, StreamInfo, store_from_url
+from ._telemetry import stream_hash
+from .stores import ENV_VAR, Store, StoreError, StoreStats, StreamInfo, store_from_url
 
 __all__ = ["main"]
 
@@ -80,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("id", metavar="ID")
 
     commands.add_parser("purge", help="remove expired streams now")
+
+    stats = commands.add_parser(
+        "stats", help="streams by state, bytes stored, the oldest running stream"
+    )
+    stats.add_argument("--json", action="store_true", help="as one JSON object")
 
     proxy = commands.add_parser(
         "proxy",
@@ -227,6 +236,8 @@ async def _run(store: Store, args: argparse.Namespace) -> None:
             print(f"deleted {args.id}")
         elif args.command == "purge":
             print(f"purged {await store.purge_expired()} expired stream(s)")
+        elif args.command == "stats":
+            await _stats(store, args.json)
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()
@@ -296,12 +307,31 @@ async def _show(store: Store, sid: str, body: bool, offset: int, as_json: bool) 
     out.flush()
 
 
+async def _stats(store: Store, as_json: bool) -> None:
+    stats = getattr(store, "stats", None)
+    if stats is None:
+        raise CommandError(
+            f"{type(store).__name__} can't count its streams (a store answers with a stats() "
+            "method: SQLite and Redis do; a memory store lives in its server's process)"
+        )
+    counts: StoreStats = await stats()
+    if as_json:
+        print(json.dumps(dataclasses.asdict(counts)))
+        return
+    for state in ("running", "complete", "failed", "aborted"):
+        print(f"{state + ':':<16}{counts.streams.get(state, 0)}")
+    print(f"{'bytes:':<16}{_size(counts.bytes)}")
+    oldest = counts.oldest_running
+    print(f"{'oldest running:':<16}{'-' if oldest is None else _when('started_at', oldest)}")
+
+
 # -- formatting -------------------------------------------------------------------------------
 
 
 def _metadata(info: StreamInfo) -> dict[str, Any]:
     return {
         "id": info.id,
+        "hash": stream_hash(info.id),
         "state": info.state,
         "offset": info.offset,
         "chunks": info.chunks,

@@ -28,12 +28,13 @@ from urllib.parse import parse_qs, unquote
 
 import anyio
 
-from ._reader import READ_SIZE, until_disconnect, wait_for_head
+from ._reader import READ_SIZE, Tail, until_disconnect, wait_for_head
 from ._types import Message, Receive, Scope, Send
 from .exceptions import StoreError
 from .stores._base import Store, StreamInfo, effective, stream_id
 
 if TYPE_CHECKING:
+    from ._engine import Engine
     from ._middleware import DurableMiddleware
 
 __all__ = [
@@ -56,13 +57,20 @@ _OFFSET_WIDTH = 16
 
 
 class ReadError(Exception):
-    """A request the read protocol refuses: its status, code and message."""
+    """A request the read protocol refuses: its status, code and message, and the reason
+    telemetry counts it under (default: by status, `refusal_reason`)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.reason = reason or refusal_reason(status)
+
+
+def refusal_reason(status: int) -> str:
+    """The ``durable_asgi.requests.refused`` reason of a read refused with `status`."""
+    return {401: "unauthorized", 404: "not_found", 413: "body_too_large"}.get(status, "bad_input")
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -91,7 +99,12 @@ def decode_offset(token: str, tail: int) -> int:
         raise ReadError(400, "INVALID_OFFSET", f"malformed offset {token[:64]!r}")
     offset = int(rest)
     if offset > tail:
-        raise ReadError(400, "INVALID_OFFSET", f"offset {token} is beyond the stream's tail")
+        raise ReadError(
+            400,
+            "INVALID_OFFSET",
+            f"offset {token} is beyond the stream's tail",
+            "offset_out_of_range",
+        )
     return offset
 
 
@@ -168,6 +181,10 @@ class StreamReader:
         max_chunk: bytes at most per catch-up response.
         upstream_content_type: also send the stream's content type as
             ``Upstream-Content-Type`` (the proxy protocol's header).
+        engine: the engine whose telemetry reports each ``GET`` (readers live, resumes,
+            time to first byte, bytes served, a ``durable_asgi resume`` span): kind
+            ``join`` for a live read (long-poll, SSE) of a running stream, else ``offset``.
+        namespace: telemetry's namespace attribute (None: none).
     """
 
     def __init__(
@@ -179,8 +196,12 @@ class StreamReader:
         sse_reconnect: float = 60.0,
         max_chunk: int = READ_SIZE,
         upstream_content_type: bool = False,
+        engine: Engine | None = None,
+        namespace: str | None = None,
     ) -> None:
         self.store = store
+        self.engine = engine
+        self.namespace = namespace
         self.upstream_content_type = upstream_content_type
         self.poll = poll
         self.long_poll_timeout = long_poll_timeout
@@ -227,20 +248,55 @@ class StreamReader:
     ) -> None:
         """``GET``: catch-up, long-poll or SSE, as the query asks."""
         query = Query.of(scope)
+        telemetry = None if self.engine is None else self.engine.telemetry
+        reading = None if telemetry is None else telemetry.reading("offset")
         info = await self.info(stream_id)
         offset = decode_offset(query.offset or "-1", info.offset)
         extra = [*extra, *self._upstream(info)]
+        if reading is None:
+            await self._get(stream_id, info, offset, query, scope, receive, send, extra, None)
+            return
+        reading.headers = info.headers or ()
+        if query.live is not None and not info.finished:
+            reading.kind = "join"
+        # The read's progress, for `Telemetry.read`: its offsets, first byte and end.
+        tail = reading.tail = Tail(self.store, stream_id, info.generation, offset, self.poll)
+        with reading.telemetry.reader():
+            try:
+                await self._get(stream_id, info, offset, query, scope, receive, send, extra, tail)
+            except (ReadError, StoreError):
+                reading.tail = None  # refused, not served: the caller counts the refusal
+                raise
+            finally:
+                reading.telemetry.read(reading, stream_id, self.namespace)
+
+    async def _get(
+        self,
+        stream_id: str,
+        info: StreamInfo,
+        offset: int,
+        query: Query,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        extra: list[tuple[bytes, bytes]],
+        tail: Tail | None,
+    ) -> None:
         if query.live == "sse":
-            await self._sse(stream_id, info, offset, query, receive, send, extra)
+            await self._sse(stream_id, info, offset, query, receive, send, extra, tail)
             return
         info, data = await self._read(stream_id, offset)
         if not data and query.live == "long-poll":
             # A closed stream at its tail answers at once (base protocol 5.7).
             info, data = await self._long_poll(stream_id, info, offset)
             if not data:
+                if tail is not None:
+                    tail.end = info.state
                 await self._respond(204, info, offset, offset, query, extra, b"", send)
                 return
         end = offset + len(data)
+        if tail is not None:
+            tail.end = info.state
         etag = f'"{stream_id}:{encode_offset(offset)}:{encode_offset(end)}"'.encode()
         if info.finished and end >= info.offset:
             etag = etag[:-1] + b':c"'
@@ -249,6 +305,8 @@ class StreamReader:
             await self._respond(304, info, offset, end, query, extra, b"", send, etag)
             return
         await self._respond(200, info, offset, end, query, extra, data, send, etag)
+        if tail is not None and data:
+            tail.offset, tail.first_at = end, time.perf_counter()
 
     def _upstream(self, info: StreamInfo) -> list[tuple[bytes, bytes]]:
         if not self.upstream_content_type:
@@ -324,6 +382,7 @@ class StreamReader:
         receive: Receive,
         send: Send,
         extra: list[tuple[bytes, bytes]],
+        tail: Tail | None,
     ) -> None:
         text = is_text(content_type(info))
         headers = [
@@ -343,8 +402,10 @@ class StreamReader:
 
             group.start_soon(watch)
             try:
-                with anyio.move_on_after(self.sse_reconnect):
-                    await self._sse_events(stream_id, info, offset, query, text, send)
+                with anyio.move_on_after(self.sse_reconnect) as reconnect:
+                    await self._sse_events(stream_id, info, offset, query, text, send, tail)
+                if reconnect.cancelled_caught and tail is not None:
+                    tail.end = "running"  # ended for the client to reconnect
             except StoreError:
                 pass
             except ReadError as exc:
@@ -361,42 +422,54 @@ class StreamReader:
         query: Query,
         text: bool,
         send: Send,
+        tail: Tail | None,
     ) -> None:
         cursor = query.cursor
         up_to_date_sent = False
-        while True:
-            info, data = await self._read(stream_id, offset)
-            if text and data:
-                data = data[: _utf8_complete(data, final=info.finished)]
-            end = offset + len(data)
-            at_tail = end >= info.offset
-            events = b""  # what this read adds: its data event and its control event, one send
-            if data:
-                payload = (
-                    base64.b64encode(data).decode() if not text else data.decode("utf-8", "replace")
-                )
-                events = _data_event(payload)
-                offset = end
-            closed = info.finished and at_tail
-            if data or closed or (at_tail and not up_to_date_sent):
-                control: dict[str, Any] = {"streamNextOffset": encode_offset(offset)}
-                if closed:
-                    control["streamClosed"] = True
-                    control["upToDate"] = True
-                else:
-                    cursor = next_cursor(cursor)
-                    control["streamCursor"] = cursor
-                    if at_tail:
+        first = tail  # telemetry's, until the first data event is out
+        try:
+            while True:
+                info, data = await self._read(stream_id, offset)
+                if text and data:
+                    data = data[: _utf8_complete(data, final=info.finished)]
+                end = offset + len(data)
+                at_tail = end >= info.offset
+                events = b""  # this read's data event and control event: one send
+                if data:
+                    payload = (
+                        base64.b64encode(data).decode()
+                        if not text
+                        else data.decode("utf-8", "replace")
+                    )
+                    events = _data_event(payload)
+                    offset = end
+                closed = info.finished and at_tail
+                if data or closed or (at_tail and not up_to_date_sent):
+                    control: dict[str, Any] = {"streamNextOffset": encode_offset(offset)}
+                    if closed:
+                        control["streamClosed"] = True
                         control["upToDate"] = True
-                control["durableState"] = info.state
-                events += _event("control", control)
-                up_to_date_sent = at_tail
-            if events:
-                await send(_more(events))
-            if closed:
-                return
-            if at_tail or not data:
-                await self.store.wait(info, self.poll)
+                    else:
+                        cursor = next_cursor(cursor)
+                        control["streamCursor"] = cursor
+                        if at_tail:
+                            control["upToDate"] = True
+                    control["durableState"] = info.state
+                    events += _event("control", control)
+                    up_to_date_sent = at_tail
+                if events:
+                    await send(_more(events))
+                if data and first is not None:
+                    first.first_at, first = time.perf_counter(), None
+                if closed:
+                    if tail is not None:
+                        tail.end = info.state
+                    return
+                if at_tail or not data:
+                    await self.store.wait(info, self.poll)
+        finally:
+            if tail is not None:
+                tail.offset = offset  # the bytes sent, however the response ended
 
 
 def _utf8_complete(data: bytes, *, final: bool) -> int:
@@ -473,6 +546,7 @@ class StreamsApp:
         from .keys import resolve
 
         method = scope["method"]
+        sid: str | None = None
         try:
             if method not in ("GET", "HEAD"):
                 raise ReadError(405, "METHOD_NOT_ALLOWED", "the stream read API is GET and HEAD")
@@ -488,12 +562,15 @@ class StreamsApp:
                 self.middleware.store,
                 poll=options.poll_interval,
                 long_poll_timeout=self.long_poll_timeout,
+                engine=self.middleware.engine,
+                namespace=self.namespace,  # the app's; None: from the URL, never an attribute
             )
             if method == "HEAD":
                 await reader.head(sid, send)
             else:
                 await reader.get(sid, scope, receive, send)
         except ReadError as exc:
+            self.middleware.engine.telemetry.refuse(exc.reason, exc.status, sid)
             body = error_body(exc.code, exc.message)
             headers = [
                 (b"content-type", b"application/json"),

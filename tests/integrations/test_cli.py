@@ -49,10 +49,18 @@ async def _seed(store: Store, prefix: str) -> None:
         await store.close()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'cli.db'}"
+    elif request.param == "postgres":
+        yield str(request.getfixturevalue("postgres_store_url"))
     else:
         yield str(request.getfixturevalue("redis_url"))
 
@@ -178,3 +186,37 @@ def test_entry_point(tmp_path: Path) -> None:
         [sys.executable, "-m", "durable_asgi.cli", "--help"], capture_output=True, timeout=30
     )
     assert done.returncode == 0 and b"list" in done.stdout
+
+
+def test_stats_counts_streams_by_state_and_bytes_store_side(
+    capsysbinary: pytest.CaptureFixture[bytes], url: str, seeded: str
+) -> None:
+    code, out, _ = run(capsysbinary, "--store", url, "stats", "--json")
+    assert code == 0
+    stats = json.loads(out)
+    exact = not url.startswith("redis")  # a Redis database may hold other tests' streams too
+    seen = (stats["streams"].get("running", 0), stats["streams"].get("complete", 0))
+    assert seen == (1, 1) if exact else seen >= (1, 1)
+    assert stats["bytes"] == len(BODY) + 6 if exact else stats["bytes"] >= len(BODY) + 6
+    assert stats["oldest_running"] <= time.time()
+    code, out, _ = run(capsysbinary, "--store", url, "stats")
+    assert code == 0
+    lines = dict(line.split(":", 1) for line in out.decode().splitlines())
+    assert lines.keys() >= {"running", "complete", "failed", "aborted", "bytes", "oldest running"}
+
+
+def test_stats_of_a_memory_store_says_it_cannot(
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    code, _, err = run(capsysbinary, "--store", "memory://", "stats")
+    assert code == 1 and "can't count its streams" in err
+
+
+def test_show_prints_the_hash_logs_and_traces_use(
+    capsysbinary: pytest.CaptureFixture[bytes], url: str, seeded: str
+) -> None:
+    from durable_asgi._telemetry import stream_hash
+
+    code, out, _ = run(capsysbinary, "--store", url, "show", f"{seeded}#done", "--json")
+    assert code == 0
+    assert json.loads(out)["hash"] == stream_hash(f"{seeded}#done")

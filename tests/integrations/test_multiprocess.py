@@ -1,22 +1,26 @@
-"""Several server processes sharing one store: SQLite (one file) and Redis.
+"""Several server processes sharing one store: SQLite (one file), Redis and PostgreSQL.
 
 Each test runs `tests/support/mp_app.py` in real uvicorn processes
 (`running_server("tests.support.mp_app:app")`) and counts handler calls across processes
 through a file. Covered: a stream started on A and resumed on B from the offset reached; the
 producer's process killed (kill -9) mid-stream, so B's reader ends failed within the lease time
 and the next request runs the handler again; ``uvicorn --workers 2``; a finished SQLite stream
-replaying after a restart; Redis restarted mid-stream (complete and intact, or failed for
-readers: never silently truncated, never a hang).
+replaying after a restart; Redis and PostgreSQL restarted mid-stream (complete and intact, or
+failed for readers: never silently truncated, never a hang); PostgreSQL's listening connection
+killed with ``pg_terminate_backend`` mid-stream (the reader on the other worker loses nothing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -39,10 +43,18 @@ def anyio_backend() -> str:
     return "asyncio"  # the SQLite and Redis stores are asyncio-only; the client runs on either
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'shared.db'}"
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_store_url"))
     return str(request.getfixturevalue("redis_url"))
 
 
@@ -61,6 +73,13 @@ def durable(key: str, offset: int | None = None) -> dict[str, str]:
     if offset is not None:
         headers["Durable-Offset"] = str(offset)
     return headers
+
+
+async def control(server: RunningServer, path: str, key: str) -> bytes:
+    """The stream's status document (``Durable-Control: status``)."""
+    result = await fetch(server.url, path, headers={**durable(key), "Durable-Control": "status"})
+    assert result.status == 200
+    return result.body
 
 
 def handler_calls(env: dict[str, str], key: str) -> list[int]:
@@ -225,17 +244,17 @@ class _RedisServer:
             self.process = None
 
 
-@pytest.mark.redis
-async def test_redis_restart_mid_stream_never_truncates_silently(
-    tmp_path: Path, redis_url: str
-) -> None:
-    # `redis_url` only for its verdict: skip (or, under CI, fail) when there is no Redis.
-    if not HAVE_REDIS_SERVER:
-        pytest.skip("needs the redis-server binary to restart a server of its own")
-    port = _free_port()
+async def restart_mid_stream(
+    store_url: str, tmp_path: Path, restart: Callable[[], None], *, kept: bool
+) -> dict[str, tuple[bool, bytes]]:
+    """A stream on worker A followed from worker B; 200 bytes into it the store's server is
+    restarted. Checks that no reader's body is truncated as if complete and that the next
+    request works (a replay or a fresh run); `kept`: the store keeps its data across the
+    restart, so the stream must first turn final (the producer records `failed`, or its lease
+    runs out). Returns each reader's (ended complete, bytes got)."""
     key = uuid.uuid4().hex
     env = {
-        "MP_STORE": f"redis://127.0.0.1:{port}/0",
+        "MP_STORE": store_url,
         "MP_CALLS": str(tmp_path / "calls"),
         "MP_LEASE": str(LEASE),
         "MP_POLL": str(POLL),
@@ -243,32 +262,155 @@ async def test_redis_restart_mid_stream_never_truncates_silently(
     n = 300
     expected = mp_app.body(n)
     outcomes: dict[str, tuple[bool, bytes]] = {}
-    redis = _RedisServer(port)
-    redis.start()
-    try:
-        with running_server(APP, env=env) as a, running_server(APP, env=env) as b:
-            with anyio.fail_after(30):
-                path = f"/stream?n={n}&delay=0.01"
-                async with (
-                    open_stream(a.url, path, headers=durable(key)) as first,
-                    open_stream(b.url, path, headers=durable(key)) as follower,
-                ):
-                    got = {"first": await first.read_exactly(200)}
-                    got["follower"] = await follower.read_exactly(200)
-                    redis.stop()  # and start again, empty: every key is gone
-                    redis.start()
-                    for name, resp in (("first", first), ("follower", follower)):
-                        try:
-                            outcomes[name] = (True, got[name] + await resp.read_all())
-                        except IncompleteBody as exc:
-                            outcomes[name] = (False, exc.body)
-                # Whatever happened, the next request works: a replay or a fresh run.
-                again = await fetch(b.url, path, headers=durable(key))
-                assert again.complete and again.body == expected
-    finally:
-        redis.stop()
+    with running_server(APP, env=env) as a, running_server(APP, env=env) as b:
+        with anyio.fail_after(60):
+            path = f"/stream?n={n}&delay=0.01"
+            async with (
+                open_stream(a.url, path, headers=durable(key)) as first,
+                open_stream(b.url, path, headers=durable(key)) as follower,
+            ):
+                got = {"first": await first.read_exactly(200)}
+                got["follower"] = await follower.read_exactly(200)
+                restart()
+                for name, resp in (("first", first), ("follower", follower)):
+                    try:
+                        outcomes[name] = (True, got[name] + await resp.read_all())
+                    except IncompleteBody as exc:
+                        outcomes[name] = (False, exc.body)
+            if kept:  # polled: no event crosses the processes
+                deadline = time.monotonic() + LEASE + 3
+                while b'"running"' in (status := await control(b, path, key)):
+                    assert time.monotonic() < deadline, status
+                    await anyio.sleep(0.05)
+                complete = all(done for done, _ in outcomes.values())
+                assert complete == (b'"complete"' in status)
+            again = await fetch(b.url, path, headers=durable(key))
+            assert again.complete and again.body == expected
     for name, (complete, data) in outcomes.items():
         assert expected.startswith(data), name
         if complete:
             assert data == expected, f"{name}: a truncated body ended as if complete"
+    return outcomes
+
+
+@pytest.mark.redis
+async def test_redis_restart_mid_stream_never_truncates_silently(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # `redis_url` only for its verdict: skip (or, under CI, fail) when there is no Redis.
+    if not HAVE_REDIS_SERVER:
+        pytest.skip("needs the redis-server binary to restart a server of its own")
+    redis = _RedisServer(_free_port())
+    redis.start()
+
+    def restart() -> None:
+        redis.stop()  # and start again, empty: every key is gone
+        redis.start()
+
+    try:
+        url = f"redis://127.0.0.1:{redis.port}/0"
+        outcomes = await restart_mid_stream(url, tmp_path, restart, kept=False)
+    finally:
+        redis.stop()
     print(f"\nRedis restart mid-stream: { ({k: v[0] for k, v in outcomes.items()}) } complete")
+
+
+# -- PostgreSQL restarted mid-stream, its listening connection killed ---------------------------
+
+PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+
+
+class _PostgresServer:
+    """A PostgreSQL cluster of the test's own on `port` (trust auth), run as user postgres,
+    so that it can be restarted without touching the machine's server."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.bin = PG_BIN[-1].parent
+        self.dir = Path(tempfile.mkdtemp(prefix="durable-pg-"))
+        shutil.chown(self.dir, "postgres")
+        self.data = self.dir / "data"
+        self._as_postgres(
+            [str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
+        )
+
+    def _as_postgres(self, command: list[str]) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *command],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def _pg_ctl(self, action: str, *extra: str) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._as_postgres(
+            [str(self.bin / "pg_ctl"), action, "-D", str(self.data), "-w", "-o", options, *extra]
+        )
+
+    def start(self) -> None:
+        self._pg_ctl("start", "-l", str(self.dir / "log"))
+
+    def restart(self) -> None:
+        self._pg_ctl("restart", "-m", "fast")  # every connection is cut; committed data stays
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._pg_ctl("stop", "-m", "immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres(postgres_url: str) -> Iterator[_PostgresServer]:
+    # `postgres_url` only for its verdict: skip (or, under CI, fail) without PostgreSQL.
+    if not PG_BIN or shutil.which("runuser") is None:
+        pytest.skip("needs PostgreSQL's server binaries (Debian package postgresql) and runuser")
+    server = _PostgresServer(_free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.postgres
+async def test_postgres_restart_mid_stream_never_truncates_silently(
+    tmp_path: Path, own_postgres: _PostgresServer
+) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{own_postgres.port}/postgres"
+    outcomes = await restart_mid_stream(url, tmp_path, own_postgres.restart, kept=True)
+    print(f"\nPostgreSQL restart mid-stream: { ({k: v[0] for k, v in outcomes.items()}) } complete")
+
+
+@pytest.mark.postgres
+async def test_postgres_listener_killed_mid_stream_loses_nothing(
+    tmp_path: Path, postgres_url: str, postgres_store_url: str
+) -> None:
+    import asyncpg
+
+    from durable_asgi.stores.postgres._listener import PING
+
+    env = {"MP_STORE": postgres_store_url, "MP_CALLS": str(tmp_path / "calls")}
+    key = uuid.uuid4().hex
+    n = 300
+    path = f"/stream?n={n}&delay=0.01"  # ~3 s
+    with running_server(APP, env=env) as a, running_server(APP, env=env) as b:
+        with anyio.fail_after(30):
+            async with (
+                open_stream(a.url, path, headers=durable(key)),
+                open_stream(b.url, path, headers=durable(key)) as follower,
+            ):
+                head = await follower.read_exactly(500)  # B follows A's stream by LISTEN
+                admin = await asyncpg.connect(postgres_url)
+                try:
+                    killed = await admin.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = 'durable_asgi' AND query = $1",
+                        PING,
+                    )
+                finally:
+                    await admin.close()
+                assert killed >= 1  # B's listening connection (A produces: it needs none)
+                rest = await follower.read_all()
+    assert head + rest == mp_app.body(n)
+    assert handler_calls(env, key) == [a.process.pid]  # type: ignore[union-attr]

@@ -1,7 +1,8 @@
 """Security: owner binding, what is (never) stored, how keys become store ids.
 
-Run against every store (memory, SQLite, Redis). Besides the API we look at what the store
-really holds — the SQLite file's bytes, every Redis key and value — for secrets that must never
+Run against every store (memory, SQLite, Redis, PostgreSQL). Besides the API we look at what
+the store really holds — the SQLite file's bytes, every Redis key and value, every PostgreSQL
+row of the store's tables — for secrets that must never
 get there: request headers, cookies, raw owner-bound or non-printable keys. The threat model
 these pin is `docs/threat-model.md`.
 """
@@ -61,6 +62,21 @@ async def raw_store_bytes(mw: DurableMiddleware, stores: StoreFactory) -> bytes:
             elif kind == "string":
                 out.append(await client.get(name))
         return b"\n".join(o if isinstance(o, bytes) else str(o).encode() for o in out)
+    if stores.kind == "postgres":
+        import asyncpg
+
+        connection = await asyncpg.connect(store.dsn)  # type: ignore[attr-defined]
+        try:
+            tables = f"{store.schema}.{store.prefix}"  # type: ignore[attr-defined]
+            rows = [
+                r[0].encode()
+                for table in ("streams", "meta")
+                for r in await connection.fetch(f"SELECT t::text FROM {tables}{table} t")
+            ]
+            rows += [r[0] for r in await connection.fetch(f"SELECT data FROM {tables}segments")]
+        finally:
+            await connection.close()
+        return b"\n".join(rows)
     out = []
     async for info in store.scan():
         out.append(repr(info).encode())

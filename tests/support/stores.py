@@ -1,5 +1,6 @@
-"""Stores of every backend (memory, SQLite, Redis) for tests: what `tests/stores/conftest.py`
-and the root `conftest.py` (`redis_url`) build their fixtures from.
+"""Stores of every backend (memory, SQLite, Redis, PostgreSQL) for tests: what
+`tests/stores/conftest.py` and the root `conftest.py` (`redis_url`, `postgres_url`) build their
+fixtures from.
 
 `BACKENDS` are (store kind, async library) pairs: each store only runs on the event loops its
 client library supports (the SQLite and Redis stores are asyncio-only, memory runs on both).
@@ -8,6 +9,11 @@ Redis: ``$REDIS_URL`` when set, else a private ``redis-server`` started on a fre
 for the session. Each test gets its own database (private server) and key prefix, and everything
 it wrote is deleted afterwards. With neither available the Redis cases skip, except under CI
 (``CI=true``), where they fail: CI must run every store.
+
+PostgreSQL: ``$POSTGRES_URL`` when set, else the machine's server at 127.0.0.1:5432 (user
+``postgres``, database ``test``, trust auth; `scripts/test` starts one under CI when none
+answers). Each test gets a schema of its own, dropped afterwards. Skips (fails under CI) when no
+server answers.
 """
 
 from __future__ import annotations
@@ -36,8 +42,11 @@ __all__ = [
     "SHARED_BACKENDS",
     "Ids",
     "StoreFactory",
+    "drop_postgres_schema",
     "in_ci",
     "open_stores",
+    "postgres_schema_url",
+    "postgres_server",
     "redis_factory",
     "redis_server",
 ]
@@ -48,6 +57,7 @@ BACKENDS = [
     pytest.param(("memory", "trio"), id="memory-trio"),
     pytest.param(("sqlite", "asyncio"), id="sqlite-asyncio"),
     pytest.param(("redis", "asyncio"), id="redis-asyncio", marks=pytest.mark.redis),
+    pytest.param(("postgres", "asyncio"), id="postgres-asyncio", marks=pytest.mark.postgres),
 ]
 
 #: The backends whose instances share streams (several instances = several workers).
@@ -183,12 +193,54 @@ def redis_factory(request: pytest.FixtureRequest, ids: Ids) -> tuple[Any, Any]:
     return make, clean
 
 
+POSTGRES_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def postgres_server() -> str:
+    """The PostgreSQL server for the session: ``$POSTGRES_URL``, else the machine's."""
+    url = os.environ.get("POSTGRES_URL", "").strip() or POSTGRES_DEFAULT
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError as exc:
+        reason = f"asyncpg not importable ({exc}): pip install 'durable-asgi[postgres]'"
+        if in_ci():
+            pytest.fail(f"{reason} (CI is set: every store must be tested)")
+        pytest.skip(reason)
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), 2).close()
+    except OSError as exc:
+        reason = f"no PostgreSQL at {parts.hostname}:{parts.port or 5432} ({exc}): set POSTGRES_URL"
+        if in_ci():
+            pytest.fail(f"{reason} (CI is set: every store must be tested)")
+        pytest.skip(reason)
+    return url
+
+
+def postgres_schema_url(url: str, schema: str) -> str:
+    """`url` naming `schema` (an option `store_from_url` reads)."""
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
+
+
+async def drop_postgres_schema(url: str, schema: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await connection.close()
+
+
 @contextlib.asynccontextmanager
 async def open_stores(
     kind: str, tmp_path: Path, ids: Ids, request: pytest.FixtureRequest
 ) -> AsyncIterator[StoreFactory]:
     """A `StoreFactory` of `kind`; everything it made is closed, and its data removed, after."""
     clean = None
+    drop_schema: str | None = None
     if kind == "memory":
         factory = StoreFactory(kind, MemoryStore, shared=False)
     elif kind == "sqlite":
@@ -196,6 +248,17 @@ async def open_stores(
 
         path = tmp_path / "durable.db"
         factory = StoreFactory(kind, lambda **o: SQLiteStore(path, **o), shared=True)
+    elif kind == "postgres":
+        from durable_asgi.stores.postgres import PostgresStore
+
+        url = str(request.getfixturevalue("postgres_url"))
+        drop_schema = f"t_{ids.namespace[2:]}"
+
+        def make_postgres(**options: Any) -> Store:
+            options.setdefault("schema", drop_schema)
+            return PostgresStore(url, **options)
+
+        factory = StoreFactory(kind, make_postgres, shared=True)
     else:
         make, clean = redis_factory(request, ids)
         factory = StoreFactory(kind, make, shared=True)
@@ -211,3 +274,5 @@ async def open_stores(
             await factory.close_all()
             if clean is not None:
                 clean()
+            if drop_schema is not None and factory.made:
+                await drop_postgres_schema(url, drop_schema)

@@ -31,6 +31,8 @@ from ._url import Upstream, parse_upstream, request_target, split_authority
 
 if TYPE_CHECKING:
     import httpx
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
     from typing_extensions import Unpack
 
     from .._options import OptionFields
@@ -89,6 +91,9 @@ class DurableProxy:
         header_timeout: seconds for the upstream's head (mode 2: then ``504``).
         body_timeout: seconds without a body chunk before the stream ends ``failed`` (mode 2).
         long_poll_timeout: seconds a ``live=long-poll`` read waits before ``204`` (mode 2).
+        meter_provider: OpenTelemetry metrics, as `DurableMiddleware`'s, plus the upstream's
+            status and time to first byte (``docs/operations.md``).
+        tracer_provider: OpenTelemetry traces, as `DurableMiddleware`'s.
     """
 
     def __init__(
@@ -108,6 +113,8 @@ class DurableProxy:
         header_timeout: float = 60.0,
         body_timeout: float = 600.0,
         long_poll_timeout: float = 30.0,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
         **overrides: Unpack[OptionFields],
     ) -> None:
         own = {"key", "namespace", "owner"} & overrides.keys()
@@ -130,7 +137,10 @@ class DurableProxy:
             methods=self.methods,
             shutdown_grace=shutdown_grace,
             client_path=None,
+            meter_provider=meter_provider,
+            tracer_provider=tracer_provider,
         )
+        self.relay.engine = self.middleware.engine
         self.streams: _ds.DurableStreams | None = None
         """Mode 2, the Durable Streams proxy protocol at ``/v1/proxy`` (with ``secret``)."""
         if secret is not None:

@@ -31,7 +31,7 @@ from .._request import DurableRequest, header
 from .._types import Receive, Scope, Send
 from ..exceptions import BadRequest, ClientDisconnected, StoreError, StoreFull
 from ..stores._base import Lease, stream_id
-from ..streams import ReadError, StreamReader, error_body
+from ..streams import ReadError, StreamReader, error_body, refusal_reason
 from ._upstream import UpstreamError
 from ._url import Upstream, request_target
 
@@ -118,6 +118,8 @@ class DurableStreams:
             poll=options.poll_interval,
             long_poll_timeout=long_poll_timeout,
             upstream_content_type=True,
+            engine=proxy.middleware.engine,
+            namespace=NAMESPACE,
         )
 
     def stream_id(self, stream: str) -> str:
@@ -128,6 +130,7 @@ class DurableStreams:
         send = _with_cors(send)
         method: str = scope["method"]
         rest = route[len(BASE_PATH) :]
+        sid: str | None = None  # a request on one stream (/v1/proxy/{id}): refusals counted
         try:
             size = sum(len(name) + len(value) for name, value in scope["headers"])
             if size > MAX_HEADER_BYTES:
@@ -145,18 +148,29 @@ class DurableStreams:
                 await self._create(scope, receive, send)
             else:
                 stream = rest[1:]
+                sid = self.stream_id(stream)
                 if not stream or "/" in stream or not _is_uuid(stream):
                     raise _Error(404, "STREAM_NOT_FOUND", "no such stream")
                 await self._stream_op(method, stream, scope, receive, send)
         except _Error as exc:
+            self._refused(sid, refusal_reason(exc.status), exc.status)
             await _send_error(send, exc.status, exc.code, exc.message, exc.headers)
         except ReadError as exc:
+            self._refused(sid, exc.reason, exc.status)
             await _send_error(send, exc.status, exc.code, exc.message)
         except StoreFull as exc:
+            self._refused(sid, "store_full", 503)
             await _send_error(send, 503, "STORAGE_ERROR", str(exc), ((b"retry-after", b"5"),))
         except StoreError as exc:
+            self._refused(sid, "store_unavailable", 502)
             logger.error("durable_asgi.proxy: store unavailable: %s", exc)
             await _send_error(send, 502, "STORAGE_ERROR", "durable store unavailable")
+
+    def _refused(self, sid: str | None, reason: str, status: int) -> None:
+        """Count a refused request on one stream (`sid`; None: a create, whose failures are
+        mostly its upstream's, counted in ``proxy.upstream.responses``)."""
+        if sid is not None:
+            self.proxy.middleware.engine.telemetry.refuse(reason, status, sid)
 
     # -- auth ---------------------------------------------------------------------------------
 
@@ -314,13 +328,15 @@ class DurableStreams:
         sid = self.stream_id(stream)
         try:
             await mw.engine.ensure_open()
-            lease = await mw.store.claim(sid, lease_seconds=mw.options.lease_seconds)
+            lease = await mw.engine.telemetry.timed(
+                "claim", lambda: mw.store.claim(sid, lease_seconds=mw.options.lease_seconds)
+            )
         except BaseException:
             with anyio.move_on_after(5, shield=True):
                 await response.aclose()
             raise
         assert isinstance(lease, Lease), "a fresh UUID is always claimable"
-        producer = Producer(mw.engine, lease, mw.options)
+        producer = Producer(mw.engine, lease, mw.options, NAMESPACE)
         relay, inactivity = self.proxy.relay, self.body_timeout
 
         async def pipe(scope: Scope, receive: Receive, send: Send) -> None:

@@ -32,14 +32,20 @@ from __future__ import annotations
 import math
 import os
 import ssl
+import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import anyio
 
 from .._protocol import send_json
+from .._telemetry import OFF
 from .._types import Receive, Scope, Send
 from ..exceptions import DurableError
 from ._url import Upstream
+
+if TYPE_CHECKING:
+    from .._engine import Engine
 
 try:
     import httpx
@@ -123,6 +129,8 @@ class Relay:
         self.verify: bool | ssl.SSLContext = verify
         self.limits = limits
         self._client: httpx.AsyncClient | None = None
+        self.engine: Engine | None = None
+        """The engine whose telemetry upstream answers are reported to (`DurableProxy`'s)."""
 
     def __repr__(self) -> str:
         return f"Relay(timeout={self.timeout!r}, limits={self.limits!r})"
@@ -177,7 +185,17 @@ class Relay:
             content=None if method in _NO_BODY else body,
             timeout=timeout if timeout is not None else self.timeout,
         )
-        return await client.send(request, stream=True)
+        telemetry = OFF if self.engine is None else self.engine.telemetry
+        if telemetry.upstream_responses is None:
+            return await client.send(request, stream=True)
+        start = time.perf_counter()
+        try:
+            response = await client.send(request, stream=True)
+        except BaseException as exc:
+            telemetry.upstream(None, type(exc).__name__, time.perf_counter() - start)
+            raise
+        telemetry.upstream(response.status_code, "", time.perf_counter() - start)
+        return response
 
     async def relay(
         self,

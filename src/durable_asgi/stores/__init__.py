@@ -4,6 +4,8 @@
 - `SQLiteStore` — one file; survives restarts; shared by the workers of one machine (the
   standard library's ``sqlite3``).
 - `RedisStore` — many workers on many machines (``pip install "durable-asgi[redis]"``).
+- `PostgresStore` — many workers on many machines, in the PostgreSQL database the app already
+  runs (``pip install "durable-asgi[postgres]"``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ._base import (
     Store,
     StoreError,
     StoreFull,
+    StoreStats,
     StreamInfo,
     Write,
     stream_id,
@@ -28,6 +31,7 @@ from ._base import (
 from .memory import MemoryStore
 
 if TYPE_CHECKING:
+    from .postgres import PostgresStore
     from .redis import RedisStore
     from .sqlite import SQLiteStore
 
@@ -37,12 +41,14 @@ __all__ = [
     "Lease",
     "LeaseLost",
     "MemoryStore",
+    "PostgresStore",
     "RedisStore",
     "SQLiteStore",
     "State",
     "Store",
     "StoreError",
     "StoreFull",
+    "StoreStats",
     "StreamInfo",
     "Write",
     "default_store",
@@ -56,7 +62,8 @@ ENV_VAR = "DURABLE_ASGI_STORE"
 
 
 def __getattr__(name: str) -> Any:
-    # Loaded on first use: RedisStore needs the redis extra, and neither is needed by all.
+    # Loaded on first use: RedisStore and PostgresStore need their extras, and none is
+    # needed by all.
     if name == "SQLiteStore":
         from .sqlite import SQLiteStore
 
@@ -65,6 +72,10 @@ def __getattr__(name: str) -> Any:
         from .redis import RedisStore
 
         return RedisStore
+    if name == "PostgresStore":
+        from .postgres import PostgresStore
+
+        return PostgresStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -73,11 +84,21 @@ _URL_OPTIONS: dict[str, dict[str, type]] = {
     "memory": {"max_streams": int, "max_bytes": int},
     "sqlite": {"poll_interval": float, "busy_timeout": float, "purge_interval": float},
     "redis": {"prefix": str, "block_seconds": float, "orphan_ttl": float, "max_connections": int},
+    "postgres": {
+        "schema": str,
+        "prefix": str,
+        "min_connections": int,
+        "max_connections": int,
+        "command_timeout": float,
+        "purge_interval": float,
+        "orphan_ttl": float,
+    },
 }
 
 
 def _options(url: str, kind: str) -> tuple[str, dict[str, Any]]:
-    """Split our options out of `url`'s query; the rest stays (redis-py reads its own)."""
+    """Split our options out of `url`'s query; the rest stays (redis-py and asyncpg read
+    their own, e.g. ``sslmode``)."""
     parts = urlsplit(url)
     known = _URL_OPTIONS[kind]
     options: dict[str, Any] = {}
@@ -90,7 +111,7 @@ def _options(url: str, kind: str) -> tuple[str, dict[str, Any]]:
                 raise ValueError(
                     f"{name}={value!r} in {url!r} is not a valid {known[name].__name__}"
                 ) from None
-        elif kind == "redis":
+        elif kind in ("redis", "postgres"):
             rest.append((name, value))
         else:
             raise ValueError(f"unknown option {name!r} in {url!r}: expected one of {sorted(known)}")
@@ -105,6 +126,8 @@ def store_from_url(url: str) -> Store:
       (``?poll_interval=0.01&busy_timeout=5``)
     - ``redis://host:6379/0``, ``rediss://…``, ``unix:///path/redis.sock`` → `RedisStore(url)`
       (``?prefix=chat&block_seconds=1``; other parameters go to redis-py)
+    - ``postgresql://user@host:5432/db`` or ``postgres://…`` → `PostgresStore(url)`
+      (``?schema=durable&max_connections=20``; other parameters, e.g. ``sslmode``, go to asyncpg)
 
     Example::
 
@@ -129,8 +152,14 @@ def store_from_url(url: str) -> Store:
         from .redis import RedisStore
 
         return RedisStore(url, **options)
+    if scheme in ("postgresql", "postgres"):
+        url, options = _options(url, "postgres")
+        from .postgres import PostgresStore
+
+        return PostgresStore(url, **options)
     raise ValueError(
-        f"unknown store URL {url!r}: expected memory://, sqlite:///path.db or redis://host:port/db"
+        f"unknown store URL {url!r}: expected memory://, sqlite:///path.db, redis://host:port/db "
+        "or postgresql://user@host/db"
     )
 
 

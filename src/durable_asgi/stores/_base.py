@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import anyio
 
@@ -45,11 +46,16 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreFull",
+    "StoreStats",
     "StreamInfo",
     "Write",
+    "count_streams",
+    "dump_headers",
     "effective",
     "evolve",
+    "info_from_row",
     "is_claimable",
+    "load_headers",
     "new_token",
     "stream_id",
     "write_all",
@@ -196,6 +202,36 @@ class Store(Protocol):
         """Every stream in the store that hasn't expired (for the operator CLI)."""
 
 
+@dataclass(frozen=True)
+class StoreStats:
+    """What a store holds, counted store-side (``durable-asgi stats``). A store that can
+    count them has an optional ``async def stats() -> StoreStats`` (SQLite, Redis,
+    PostgreSQL); a memory store is another process's, so the command line has nothing to ask.
+
+    Example: ``StoreStats({"running": 2, "complete": 40}, bytes=81920, oldest_running=1.7e9)``
+    """
+
+    streams: dict[str, int]
+    """Streams by state (a running one whose lease ran out counts as ``failed``)."""
+    bytes: int
+    """Body bytes stored, all streams together."""
+    oldest_running: float | None
+    """When the longest-running stream started (Unix seconds), None if none runs."""
+
+
+async def count_streams(streams: AsyncIterator[StreamInfo]) -> StoreStats:
+    """`StoreStats` of the streams a `Store.scan` yields."""
+    counts: dict[str, int] = {}
+    total = 0
+    oldest: float | None = None
+    async for info in streams:
+        counts[info.state] = counts.get(info.state, 0) + 1
+        total += info.offset
+        if info.state == "running" and (oldest is None or info.created_at < oldest):
+            oldest = info.created_at
+    return StoreStats(counts, total, oldest)
+
+
 class Write(NamedTuple):
     """One producer's share of a flush: its response head (the first time), then body bytes
     holding `chunks` handler messages. (A tuple: one is made per stream per flush.)"""
@@ -240,6 +276,58 @@ def evolve(info: StreamInfo, **changes: object) -> StreamInfo:
     new = object.__new__(StreamInfo)
     new.__dict__.update(info.__dict__, **changes)  # frozen: no setattr, and no need of one
     return new
+
+
+# Header names and values are bytes; latin-1 maps each byte to one code point, losslessly.
+def dump_headers(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """Headers as stored in ``streams.headers`` (JSON)."""
+    return json.dumps(
+        [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers]
+    )
+
+
+def load_headers(text: str) -> Headers:
+    """``streams.headers`` back as headers."""
+    pairs: Sequence[Sequence[str]] = json.loads(text)
+    return tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs)
+
+
+def info_from_row(row: Any, same_headers: StreamInfo | None = None) -> StreamInfo:
+    """A row of a SQL store's ``streams`` table (a ``sqlite3.Row`` or an asyncpg ``Record``:
+    anything indexed by column name) as a `StreamInfo`; `same_headers`: one whose headers are
+    the row's (not parsed again)."""
+    headers = row["headers"]
+    return StreamInfo(
+        id=row["id"],
+        state=row["state"],
+        generation=row["generation"],
+        version=row["version"],
+        offset=row["size"],
+        chunks=row["chunks"],
+        readers=row["readers"],
+        status_code=row["status_code"],
+        headers=(
+            same_headers.headers
+            if same_headers is not None
+            else None
+            if headers is None
+            else load_headers(headers)
+        ),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"],
+        lease_expires_at=row["lease_expires_at"],
+        retain=bool(row["retain"]),
+    )
+
+
+def running_copy(copy: LocalCopy | None) -> StreamInfo | None:
+    """The stream of this process's `copy`, if it is running: a claim of it needs no round trip
+    (another process's abort or delete reaches this process at the producer's next write)."""
+    if copy is None:
+        return None
+    info = effective(copy.info)
+    return info if info.state == "running" else None
 
 
 def new_token() -> str:

@@ -20,12 +20,15 @@ from .._base import (
     LocalCopy,
     Notifier,
     StoreError,
+    StoreStats,
     StreamInfo,
     Write,
+    count_streams,
     effective,
     evolve,
     join,
     new_token,
+    running_copy,
     write_each,
 )
 from . import _scripts as scripts
@@ -146,14 +149,9 @@ class RedisStore:
     async def claim(
         self, stream_id: str, *, lease_seconds: float, replace: bool = False
     ) -> Lease | StreamInfo:
-        mine = self._producing.get(stream_id)
-        if mine is not None:
-            # Produced here: running (as of its last acknowledged write), so not claimable —
-            # a request joining it costs no round trip. (Another process's abort or delete
-            # reaches this process at the producer's next write, as for its reads.)
-            info = effective(mine.info)
-            if info.state == "running":
-                return info
+        info = running_copy(self._producing.get(stream_id))
+        if info is not None:  # produced here: joining it costs no round trip
+            return info
         token = new_token()
         lease_ms = max(1, ms(lease_seconds))
         args = (token, -1, ms(self.orphan_ttl), stream_id, lease_ms, int(replace))
@@ -359,6 +357,11 @@ class RedisStore:
         async for keys in self._meta_keys():
             removed += int(await self._eval(scripts.PURGE, keys))
         return removed
+
+    async def stats(self) -> StoreStats:
+        """Streams by state, bytes, the oldest running stream: from every stream's metadata
+        (one script call each, as `scan`)."""
+        return await count_streams(self.scan())
 
     async def scan(self) -> AsyncIterator[StreamInfo]:
         async for keys in self._meta_keys():

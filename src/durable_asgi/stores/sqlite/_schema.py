@@ -8,11 +8,12 @@ makes its snapshot atomic.
 
 from __future__ import annotations
 
-import json
 import sqlite3
-from collections.abc import Iterable, Sequence
 
-from .._base import Headers, StoreError, StreamInfo
+from .._base import StoreError
+from .._base import info_from_row as to_info
+
+__all__ = ["to_info"]  # rows to `StreamInfo`: shared with PostgreSQL, named as here before
 
 #: Bumped when the schema changes incompatibly (kept in ``PRAGMA user_version``).
 SCHEMA_VERSION = 1
@@ -125,45 +126,3 @@ def create_schema(conn: sqlite3.Connection, path: str) -> None:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
-
-
-def to_info(row: sqlite3.Row, same_headers: StreamInfo | None = None) -> StreamInfo:
-    """The row as a `StreamInfo`; `same_headers`: one whose headers are the row's (not parsed
-    again)."""
-    headers = row["headers"]
-    return StreamInfo(
-        id=row["id"],
-        state=row["state"],
-        generation=row["generation"],
-        version=row["version"],
-        offset=row["size"],
-        chunks=row["chunks"],
-        readers=row["readers"],
-        status_code=row["status_code"],
-        headers=(
-            same_headers.headers
-            if same_headers is not None
-            else None
-            if headers is None
-            else load_headers(headers)
-        ),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-        lease_expires_at=row["lease_expires_at"],
-        retain=bool(row["retain"]),
-    )
-
-
-# Header names and values are bytes; latin-1 maps each byte to one code point, losslessly.
-def dump_headers(headers: Iterable[tuple[bytes, bytes]]) -> str:
-    """Headers as stored in ``streams.headers`` (JSON)."""
-    return json.dumps(
-        [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers]
-    )
-
-
-def load_headers(text: str) -> Headers:
-    """``streams.headers`` back as headers."""
-    pairs: Sequence[Sequence[str]] = json.loads(text)
-    return tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs)

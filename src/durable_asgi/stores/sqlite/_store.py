@@ -23,8 +23,10 @@ from .._base import (
     LeaseLost,
     Notifier,
     StoreError,
+    StoreStats,
     StreamInfo,
     Write,
+    dump_headers,
     effective,
     join,
 )
@@ -41,7 +43,6 @@ from ._schema import (
     OWNED,
     READ,
     SELECT_LIVE_STREAM,
-    dump_headers,
     to_info,
     update_owned,
 )
@@ -307,6 +308,20 @@ class SQLiteStore:
             return
         with self._poller.watching(stream_id):
             await self._notifier.wait(stream_id, event, remaining)
+
+    async def stats(self) -> StoreStats:
+        """Streams by state, bytes, the oldest running stream: one aggregate query."""
+        rows = await self._db.query(
+            "SELECT CASE WHEN state = 'running' AND lease_expires_at < :now THEN 'failed' "
+            "ELSE state END AS effective, count(*) AS n, coalesce(sum(size), 0) AS size, "
+            f"min(created_at) AS oldest FROM streams WHERE {LIVE} GROUP BY effective",
+            {"now": time.time()},
+        )
+        return StoreStats(
+            {row["effective"]: row["n"] for row in rows},
+            sum(row["size"] for row in rows),
+            next((row["oldest"] for row in rows if row["effective"] == "running"), None),
+        )
 
     async def scan(self) -> AsyncIterator[StreamInfo]:
         after = ""
