@@ -4,6 +4,7 @@
     python bench/proxy.py --quick            # 1 round
     python bench/proxy.py --stores memory --rounds 5 --json out.json
     python bench/proxy.py --mode 2           # the Durable Streams front door (/v1/proxy)
+    python bench/proxy.py --mode 2 --reference-url http://127.0.0.1:4440 --reference-pid PID
 
 A local upstream (``bench/proxy_app.py``, its own uvicorn process) sends 200 SSE events of 40
 bytes, one every 10 ms. 100 sessions, started 10 ms apart (``--ramp``, so that at most ~1 s
@@ -18,11 +19,17 @@ bench/run.py) serving:
   bench/load.py starts it).
 
 With ``--mode 2`` the durable variants are driven through the Durable Streams proxy protocol
-instead: each session ``POST``s ``/v1/proxy`` for its URL, then reads the stream from its start
-with ``live=sse`` to its close; its TTFB runs from the POST to the first SSE byte, its body is
-the ``data`` events' payload, checked byte for byte, and there is no joiner phase.
+instead: each session ``POST``s ``/v1/proxy`` for its URL, then, on the same keep-alive
+connection, reads the stream from its start with ``live=sse`` to its close; its TTFB runs from
+the POST to its first ``data`` event, its body is the ``data`` events' payload, checked byte
+for byte, and there is no joiner phase.
+``--reference-url`` adds a ``reference`` row: the same mode-2 workload against another Durable
+Streams proxy already running on this machine (e.g. the reference Node ``@durable-streams/proxy``;
+see docs/proxy.md), with ``--reference-secret`` (default: ours) and its process, for its CPU,
+``--reference-pid``. It is not restarted between rounds.
 
-Measured per variant, in each round (fresh servers, in a rotating order):
+Measured per variant, in each round (fresh servers, in a rotating order, each warmed up first
+by 5 sessions at once; ``--warm-up N``: N):
 
 - server CPU µs/event: utime+stime of the proxy's uvicorn process (``/proc/<pid>/stat``, over
   the sessions' window plus the moment it takes to go quiet) / events delivered; the upstream's
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import binascii
 import contextlib
 import importlib.util
 import json
@@ -60,6 +68,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from load import redis_server, wait_port
 from proxy_app import SECRET, events_body
@@ -81,6 +90,7 @@ EVENTS, EVENT_BYTES, PACE = 200, 40, 0.01
 EXPECTED = events_body(EVENTS)
 CPU_TARGET, TTFB_TARGET_MS = 1.3, 5.0
 TIMEOUT = 60.0
+LOCAL = ("127.0.0.1", "localhost")
 
 
 @contextlib.contextmanager
@@ -121,10 +131,12 @@ def upstream_calls(port: int) -> int:
 
 
 class TimedClient(StreamClient):
-    """A `StreamClient` that notes when the first body byte came and when half the body did."""
+    """A `StreamClient` that notes when the first body byte came (or, given `first`, the body's
+    first `first`) and when half the body did."""
 
-    def __init__(self, path: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, path: str, loop: asyncio.AbstractEventLoop, first: bytes = b"") -> None:
         super().__init__(request(path, None), loop.create_future())
+        self.first = first
         self.started = time.perf_counter()
         self.first_body = 0.0
         self.size = 0
@@ -139,7 +151,10 @@ class TimedClient(StreamClient):
                 body = raw[end + 4 :]
                 chunked = b"transfer-encoding: chunked" in raw[:end].lower()
                 # A chunked body byte is in once it is past the chunk-size line.
-                if (0 <= body.find(b"\r\n") < len(body) - 2) if chunked else body:
+                if self.first:
+                    if self.first in body:
+                        self.first_body = time.perf_counter()
+                elif (0 <= body.find(b"\r\n") < len(body) - 2) if chunked else body:
                     self.first_body = time.perf_counter()
         if self.size >= len(EXPECTED) // 2 and not self.halfway.done():
             self.halfway.set_result(None)
@@ -159,46 +174,76 @@ async def connect(client: TimedClient, port: int) -> None:
         client.done.set_result(None)
 
 
-def sse_data(body: bytes) -> bytes:
-    """The payload of a Durable Streams SSE read: its ``data`` events' lines, rejoined."""
+def sse_data(body: bytes, base64: bool = False) -> bytes:
+    """The payload of a Durable Streams SSE read: its ``data`` events' lines, rejoined (and, if
+    `base64`, decoded)."""
     out = []
     for block in body.split(b"\n\n"):
         lines = block.split(b"\n")
         if lines and lines[0] == b"event: data":
-            out.append(b"\n".join(line[6:] for line in lines[1:] if line.startswith(b"data: ")))
+            data = [line[5:].removeprefix(b" ") for line in lines[1:] if line[:5] == b"data:"]
+            out.append(binascii.a2b_base64(b"".join(data)) if base64 else b"\n".join(data))
     return b"".join(out)
 
 
-async def create_and_read(port: int, target: str) -> TimedClient:
-    """Mode 2: ``POST /v1/proxy`` for `target`, then an SSE read of the stream from its start
-    (``live=sse`` to its close); the client's body is made the payload, its time to first byte
-    counts from the POST."""
-    loop = asyncio.get_running_loop()
-    started = time.perf_counter()
-    create = StreamClient(
-        f"POST /v1/proxy HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {SECRET}\r\n"
-        f"Upstream-URL: {target}\r\nUpstream-Method: GET\r\nContent-Length: 0\r\n"
-        "Connection: close\r\n\r\n".encode(),
-        loop.create_future(),
-    )
-    await loop.create_connection(lambda: create, "127.0.0.1", port)
-    await create.done
-    location = create.headers.get(b"location", b"").decode()
-    if b" 201 " not in create.status or not location:
-        failed = TimedClient("/", loop)
-        failed.error = f"create: {create.status!r} {create.body[:200]!r}"
-        return failed
-    path = "/" + location.split("://", 1)[-1].split("/", 1)[1]
-    reader = TimedClient(f"{path}&offset=-1&live=sse", loop)
-    reader.started = started
-    await connect(reader, port)
-    await reader.done
-    reader.body = sse_data(reader.body)
-    return reader
+class CreateAndRead(TimedClient):
+    """Mode 2 on one keep-alive connection, as a client with a connection pool (a browser,
+    fetch, httpx) does it: ``POST /v1/proxy`` for `target`, and once its ``201`` is in, a
+    ``GET`` of its ``Location`` with ``offset=-1&live=sse`` (``Connection: close``), read as a
+    `TimedClient` to the close, its time to first byte counted from the POST to the first
+    ``data`` event (not a control event sent before any data, as the reference does)."""
+
+    def __init__(self, target: str, secret: str, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__("/", loop, first=b"event: data")
+        self.request = (
+            f"POST /v1/proxy HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {secret}\r\n"
+            f"Upstream-URL: {target}\r\nUpstream-Method: GET\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+        self.created: bytes | None = b""  # the 201 so far; None once it is in
+
+    def data_received(self, data: bytes) -> None:
+        if self.created is None:
+            super().data_received(data)
+            return
+        self.created += data
+        end = self.created.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head, self.created = self.created[:end], None
+        location = next(
+            (line[9:].strip() for line in head.split(b"\r\n") if line[:9].lower() == b"location:"),
+            b"",
+        ).decode()
+        assert self.transport is not None
+        if b" 201 " not in head.split(b"\r\n", 1)[0] or not location:
+            self.error = f"create: {head[:300]!r}"
+            self.transport.close()
+            return
+        path = "/" + location.split("://", 1)[-1].split("/", 1)[1]
+        self.transport.write(request(f"{path}&offset=-1&live=sse", None))
+
+
+async def create_and_read(port: int, target: str, secret: str = SECRET) -> TimedClient:
+    """Mode 2: a `CreateAndRead` session; its body is made the SSE read's payload. A base64 body
+    is decoded, with or without ``Stream-SSE-Data-Encoding``: the reference stores every body
+    as ``application/octet-stream``, so its SSE encodes them all, and it drops that header."""
+    client = CreateAndRead(target, secret, asyncio.get_running_loop())
+    await connect(client, port)
+    await client.done
+    plain = sse_data(client.body)  # the workload's payload starts so; its base64 does not
+    encoded = client.headers.get(b"stream-sse-data-encoding") == b"base64" or plain[:6] != b"data: "
+    client.body = sse_data(client.body, base64=True) if encoded else plain
+    return client
 
 
 async def sessions(
-    port: int, upstream_port: int, n: int, ramp: float, join: bool, mode: int = 1
+    port: int,
+    upstream_port: int,
+    n: int,
+    ramp: float,
+    join: bool,
+    mode: int = 1,
+    secret: str = SECRET,
 ) -> list[tuple[TimedClient, TimedClient | None]]:
     """`n` sessions, `ramp` s apart, each fetching a URL of its own (and, with `join`, a second
     request for it once the first is half-way); in `mode` 2, each creates a stream and reads
@@ -209,7 +254,7 @@ async def sessions(
         await asyncio.sleep(i * ramp)
         path = f"/127.0.0.1:{upstream_port}/sse?n={EVENTS}&pace={PACE}&s={uuid.uuid4().hex}"
         if mode == 2:
-            return await create_and_read(port, "http:/" + path), None
+            return await create_and_read(port, "http:/" + path, secret), None
         first = TimedClient(path, loop)
         await connect(first, port)
         joiner = None
@@ -265,19 +310,25 @@ def run_round(
     upstream: Server,
     args: argparse.Namespace,
     durable: bool,
+    secret: str = SECRET,
 ) -> Round:
     out = Round()
     out.cpu.expected = EVENTS * args.sessions
     upstream_port = upstream.port
-    # Warm up: imports, the upstream connection pool, the store's schema.
-    mode = args.mode if durable else 1
-    loop.run_until_complete(sessions(server.port, upstream_port, 5, 0.0, join=False, mode=mode))
+    # Warm up: imports, the store's schema, the upstream connection pool; with --warm-up N as
+    # many sessions as the round has, the heap grown to their size too (a cold run pays for
+    # new connections and full garbage collections that a server running a while does not).
+    mode, warm = (args.mode if durable else 1), args.warm_up
+    if warm:
+        loop.run_until_complete(
+            sessions(server.port, upstream_port, warm, 0.0, join=False, mode=mode, secret=secret)
+        )
 
     calls = upstream_calls(upstream_port)
     upstream_cpu = cpu_seconds(upstream.pid)
     with window(server, out.cpu):
         results = loop.run_until_complete(
-            sessions(server.port, upstream_port, args.sessions, args.ramp, join=False, mode=mode)
+            sessions(server.port, upstream_port, args.sessions, args.ramp, False, mode, secret)
         )
     out.upstream_cpu = cpu_seconds(upstream.pid) - upstream_cpu
     for i, (first, _) in enumerate(results):
@@ -399,6 +450,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=100, help="sessions per round (100)")
     parser.add_argument("--ramp", type=float, default=0.01, help="seconds between session starts")
     parser.add_argument(
+        "--warm-up", type=int, default=5, help="sessions run at once before each round (5)"
+    )
+    parser.add_argument(
         "--http", default="httptools", choices=("httptools", "h11"), help="uvicorn's --http"
     )
     parser.add_argument("--redis", default=os.environ.get("REDIS_URL"), help="a Redis URL")
@@ -410,8 +464,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="the durable variants' front door: 1 durablefetch (GET by URL, and joiners), "
         "2 the Durable Streams proxy protocol (POST /v1/proxy, then an SSE read)",
     )
+    parser.add_argument(
+        "--reference-url",
+        help="with --mode 2: also run the workload against this Durable Streams proxy, already "
+        "running on this machine (http://127.0.0.1:PORT)",
+    )
+    parser.add_argument("--reference-pid", type=int, help="its process, for its CPU")
+    parser.add_argument("--reference-secret", default=SECRET, help="its service secret")
     parser.add_argument("--json", help="also write every result to this file")
     args = parser.parse_args(argv)
+    if args.reference_url and (args.mode != 2 or not args.reference_pid):
+        parser.error("--reference-url needs --mode 2 and --reference-pid")
+    if args.reference_url and urlsplit(args.reference_url).hostname not in LOCAL:
+        parser.error("--reference-url must be on this machine (127.0.0.1 or localhost)")
     args.stores = [s for s in args.stores.split(",") if s]
     unknown = set(args.stores) - set(STORES)
     if unknown:
@@ -449,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                 variants["redis"] = lambda: redis
             else:
                 print("redis: skipped (no redis-server, no --redis)", file=sys.stderr)
+        if args.reference_url:
+            variants["reference"] = lambda: ""
         results = {name: [] for name in variants}
         names = list(variants)
         upstream_url = f"http://127.0.0.1:{upstream.port}"
@@ -456,10 +523,15 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):
                 for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                     progress(f"round {round_ + 1}/{args.rounds}: {name}")
-                    with serve(variants[name](), args.http, upstream_url) as server:
-                        result = run_round(
-                            loop, server, upstream, args, durable=name != "pass-through"
-                        )
+                    if name == "reference":  # already running, on this machine
+                        port = urlsplit(args.reference_url).port or 80
+                        ref = Server(port, args.reference_pid)
+                        result = run_round(loop, ref, upstream, args, True, args.reference_secret)
+                    else:
+                        with serve(variants[name](), args.http, upstream_url) as server:
+                            result = run_round(
+                                loop, server, upstream, args, durable=name != "pass-through"
+                            )
                     results[name].append(result)
                     for failure in result.failures:
                         line = f"FAILED {name} / round {round_ + 1}: {failure}"
@@ -474,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         f"uvicorn process; client: this process, asyncio raw sockets; {os.cpu_count()} CPUs; "
         f"durable variants through mode {args.mode}"
     )
+    if args.reference_url:
+        setup += f"; reference: {args.reference_url} (pid {args.reference_pid}), not restarted"
     print_table(results, args, setup)
     print(f"\n{time.monotonic() - started:.0f} s in all.")
     if failures:

@@ -185,7 +185,7 @@ class Flusher:
 
     def hurry(self) -> None:
         """Flush without waiting for the window: a handler is waiting for its bytes to be
-        stored (`WriteBehind.over_high_water`)."""
+        stored (`WriteBehind.over_high_water`), or readers for a head."""
         self._urgent = True
         self._wake()
 

@@ -187,10 +187,6 @@ class Producer:
     async def wait_done(self) -> None:
         await self._flags[Phase.DONE].wait()
 
-    async def started(self) -> None:
-        """Return once the handler sent its response head (`head`), or ended without one."""
-        await self._flags[Phase.STREAMING].wait()
-
     def stop(self, why: Stop, detail: str = "") -> None:
         """Stop the handler. The first reason stands, except that a revoked lease (deleted,
         lost) wins over any: this producer may not write again, whatever it was doing."""
@@ -290,6 +286,10 @@ class Producer:
             self._pending()
             if self.client is not None:
                 self.client.start(self._followed(), self.options)
+            elif self._flusher is not None:
+                # Nobody is fed inline (the proxy's mode 2): every reader waits for the stored
+                # head, so it is stored without waiting for the flush window.
+                self._flusher.hurry()
         elif kind == "http.response.body":
             if self.phase is not Phase.STREAMING or self.buffer.closed:
                 return

@@ -409,7 +409,7 @@ class StreamReader:
             except StoreError:
                 pass
             except ReadError as exc:
-                await send(_event("control", {"error": {"code": exc.code}}, more=True))
+                await send(_more(_event("control", {"error": {"code": exc.code}})))
             group.cancel_scope.cancel()
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -434,16 +434,15 @@ class StreamReader:
                     data = data[: _utf8_complete(data, final=info.finished)]
                 end = offset + len(data)
                 at_tail = end >= info.offset
+                events = b""  # this read's data event and control event: one send
                 if data:
                     payload = (
                         base64.b64encode(data).decode()
                         if not text
                         else data.decode("utf-8", "replace")
                     )
-                    await send(_data_event(payload))
+                    events = _data_event(payload)
                     offset = end
-                    if first is not None:
-                        first.first_at, first = time.perf_counter(), None
                 closed = info.finished and at_tail
                 if data or closed or (at_tail and not up_to_date_sent):
                     control: dict[str, Any] = {"streamNextOffset": encode_offset(offset)}
@@ -456,8 +455,12 @@ class StreamReader:
                         if at_tail:
                             control["upToDate"] = True
                     control["durableState"] = info.state
-                    await send(_event("control", control, more=True))
+                    events += _event("control", control)
                     up_to_date_sent = at_tail
+                if events:
+                    await send(_more(events))
+                if data and first is not None:
+                    first.first_at, first = time.perf_counter(), None
                 if closed:
                     if tail is not None:
                         tail.end = info.state
@@ -481,15 +484,17 @@ def _utf8_complete(data: bytes, *, final: bool) -> int:
     return len(data)
 
 
-def _data_event(payload: str) -> Message:
+def _data_event(payload: str) -> bytes:
     lines = payload.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    body = "event: data\n" + "".join(f"data: {line}\n" for line in lines) + "\n"
-    return {"type": "http.response.body", "body": body.encode(), "more_body": True}
+    return ("event: data\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
 
 
-def _event(name: str, value: object, *, more: bool) -> Message:
-    body = f"event: {name}\ndata: {json.dumps(value, separators=(',', ':'))}\n\n"
-    return {"type": "http.response.body", "body": body.encode(), "more_body": more}
+def _event(name: str, value: object) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(value, separators=(',', ':'))}\n\n".encode()
+
+
+def _more(body: bytes) -> Message:
+    return {"type": "http.response.body", "body": body, "more_body": True}
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from .harness import Serve, Setup
-from .upstream import sse_body
+from .upstream import BINARY, binary, sse_body
 
 pytestmark = pytest.mark.anyio
 
@@ -321,19 +321,6 @@ async def test_long_poll_waits_for_data_then_204_with_cursor(serve: Serve) -> No
 
 
 async def test_sse_binary_is_base64(serve: Serve) -> None:
-    payload = bytes(range(256)) * 8
-
-    async def binary(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        headers = [(b"content-type", b"application/octet-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        for i in range(0, len(payload), 300):
-            await send(
-                {"type": "http.response.body", "body": payload[i : i + 300], "more_body": True}
-            )
-        await send({"type": "http.response.body", "body": b""})
-
     from ..support.servers import running_server
 
     with running_server(binary) as up, serve(secret=SECRET, allow=[f"{up.url}/**"]) as s:
@@ -349,9 +336,9 @@ async def test_sse_binary_is_base64(serve: Serve) -> None:
 
         events = _events(response.text)
         data = b"".join(base64.b64decode(v.replace("\n", "")) for k, v in events if k == "data")
-        assert data == payload
+        assert data == BINARY
         body, _ = await read_all(location)
-        assert body == payload
+        assert body == BINARY
 
 
 async def test_sse_resume_from_offset_and_live(serve: Serve) -> None:

@@ -16,7 +16,7 @@ from durable_streams import astream
 
 from ..support.servers import running_server
 from .harness import Serve, Setup
-from .upstream import sse_body
+from .upstream import BINARY, binary, sse_body
 
 pytestmark = pytest.mark.anyio
 
@@ -138,34 +138,19 @@ async def test_resume_from_an_offset(serve: Serve) -> None:
         assert s.origin.calls["/sse"] == 1
 
 
-PAYLOAD = bytes(range(256)) * 16
-
-
-async def binary(scope: Any, receive: Any, send: Any) -> None:
-    """An upstream answering `PAYLOAD` as application/octet-stream, 300 bytes a chunk."""
-    if scope["type"] != "http":
-        return
-    headers = [(b"content-type", b"application/octet-stream")]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    for i in range(0, len(PAYLOAD), 300):
-        chunk = PAYLOAD[i : i + 300]
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
-
-
 # Not over SSE: the released client reads SSE as text and knows no base64 data encoding
 # (tests/proxy/test_ds_protocol.py reads base64 SSE of binary content over HTTP).
 @pytest.mark.parametrize("live", [False, "long-poll"])
 async def test_binary_content(serve: Serve, live: Any) -> None:
     with running_server(binary) as up, serve(secret=SECRET, allow=[f"{up.url}/**"]) as s:
         location = await create(s, "/bin", upstream=up.url)
-        data, res = await read(location, None if live is False else len(PAYLOAD), live=live)
-        if live is False and len(data) < len(PAYLOAD):  # caught up before the end: read on
+        data, res = await read(location, None if live is False else len(BINARY), live=live)
+        if live is False and len(data) < len(BINARY):  # caught up before the end: read on
             rest, _ = await read(
-                location, len(PAYLOAD) - len(data), offset=res.offset, live="long-poll"
+                location, len(BINARY) - len(data), offset=res.offset, live="long-poll"
             )
             data += rest
-        assert data == PAYLOAD
+        assert data == BINARY
         assert await ending(location) == "complete"
 
 

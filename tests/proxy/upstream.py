@@ -15,7 +15,8 @@
 - ``/echo``: the request as JSON (method, headers, body); ``/headers``: an answer with headers
   the proxy must replace.
 
-Events are `threading.Event`s: the server runs in a thread of its own.
+Events are `threading.Event`s: the server runs in a thread of its own. `binary` is another
+upstream: `BINARY` as ``application/octet-stream``, 300 bytes a chunk.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from starlette.routing import Route
 
 from durable_asgi._types import Receive, Scope, Send
 
-__all__ = ["EVENTS", "Origin", "sse_body", "sse_event"]
+__all__ = ["BINARY", "EVENTS", "Origin", "binary", "sse_body", "sse_event"]
 
 EVENTS = 20
 
@@ -45,6 +46,21 @@ def sse_event(i: int) -> bytes:
 
 def sse_body(n: int = EVENTS) -> bytes:
     return b"".join(sse_event(i) for i in range(n))
+
+
+BINARY = bytes(range(256)) * 16
+
+
+async def binary(scope: Scope, receive: Receive, send: Send) -> None:
+    """An upstream answering `BINARY` as application/octet-stream, 300 bytes a chunk."""
+    if scope["type"] != "http":
+        return
+    headers = [(b"content-type", b"application/octet-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    for i in range(0, len(BINARY), 300):
+        chunk = BINARY[i : i + 300]
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 class Origin:

@@ -348,8 +348,10 @@ class DurableStreams:
 
         run_scope = {**scope, "method": "GET", "path": f"{BASE_PATH}/{stream}"}
         async with anyio.create_task_group() as group:
+            # The 201 goes out now, not once the producer's task has run (a loop turn later,
+            # and many under load): that task, scheduled first, runs before anything the
+            # client can send next, and a read waits for the stored head anyway.
             group.start_soon(producer.run, pipe, run_scope, b"", None)
-            await producer.started()
             ctype = response.headers.get("content-type", "application/octet-stream")
             headers = [
                 (b"location", self.location(scope, stream).encode()),

@@ -29,6 +29,7 @@ What the relay decides itself:
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 import time
@@ -213,14 +214,25 @@ class Relay:
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
             )
-            chunks = response.aiter_bytes().__aiter__()
-            while True:
-                try:
-                    with anyio.fail_after(inactivity):
-                        chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            chunks = response.aiter_bytes()
+            if inactivity is None:
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                # One cancel scope for the body, its deadline moved per chunk (half the cost of
+                # a scope per chunk), and off while `send` runs: only the upstream is timed.
+                with anyio.CancelScope() as idle:
+                    chunks = chunks.__aiter__()
+                    while True:
+                        idle.deadline = anyio.current_time() + inactivity
+                        try:
+                            chunk = await chunks.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        idle.deadline = math.inf
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if idle.cancelled_caught:
+                    raise TimeoutError
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except httpx.HTTPError as exc:
             raise UpstreamError(f"{upstream.url} failed mid-response: {exc!r}") from exc
