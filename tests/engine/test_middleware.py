@@ -796,7 +796,9 @@ async def test_a_finished_stream_leaves_no_reference_cycle_behind() -> None:
         first = await call(mw, "/s", headers={"Durable-Key": "k2"})
         resumed = await call(mw, "/s", headers={"Durable-Key": "k2"})
         gc.collect()
-        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (Producer, BaseException))]
+        # Ours only: under load another test's server thread may leave garbage of its own
+        # (a CancelledError, anyio's WouldBlock) that this collection also finds.
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, Producer) or _raised_in_us(o)]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
