@@ -222,6 +222,10 @@ def test_store_from_url_reads_the_stores_options(tmp_path: Path) -> None:
     assert "s3cret" not in repr(store)  # never in a log
     with pytest.raises(ValueError, match="not a valid int"):
         store_from_url("postgresql://db/app?max_connections=many")
+    strict = store_from_url("postgresql://db/app?synchronous_commit=on")
+    assert isinstance(strict, PostgresStore) and strict.synchronous_commit is True
+    with pytest.raises(ValueError, match="not a valid boolean"):
+        store_from_url("postgresql://db/app?synchronous_commit=maybe")
     with pytest.raises(ValueError, match="lower-case identifier"):
         PostgresStore("postgresql://db/app", schema="Robert'); DROP TABLE students;--")
 
@@ -231,3 +235,17 @@ async def test_an_unreachable_server_is_a_store_error(ids: Ids) -> None:
     with pytest.raises(StoreError, match="connect"):
         await store.claim(ids(), lease_seconds=LONG)
     await store.close()
+
+
+@pytest.mark.parametrize("synchronous", [False, True])
+async def test_the_stores_own_connections_commit_as_asked(
+    postgres_url: str, schema: str, synchronous: bool
+) -> None:
+    store = PostgresStore(postgres_url, schema=schema, synchronous_commit=synchronous)
+    try:
+        await store.open()
+        async with store._connection("test") as connection:
+            setting = await connection.fetchval("SHOW synchronous_commit")
+    finally:
+        await store.close()
+    assert setting == ("on" if synchronous else "off")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -79,8 +80,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def boolean(text: str) -> bool:
+    """A yes/no store option in a URL: 1/true/on/yes or 0/false/off/no."""
+    value = text.strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(text)
+
+
 # Store options a URL may carry as query parameters, with their types.
-_URL_OPTIONS: dict[str, dict[str, type]] = {
+_URL_OPTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
     "memory": {"max_streams": int, "max_bytes": int},
     "sqlite": {"poll_interval": float, "busy_timeout": float, "purge_interval": float},
     "redis": {"prefix": str, "block_seconds": float, "orphan_ttl": float, "max_connections": int},
@@ -92,6 +103,7 @@ _URL_OPTIONS: dict[str, dict[str, type]] = {
         "command_timeout": float,
         "purge_interval": float,
         "orphan_ttl": float,
+        "synchronous_commit": boolean,
     },
 }
 
