@@ -58,6 +58,7 @@ __all__ = [
     "load_headers",
     "new_token",
     "stream_id",
+    "wait_own",
     "write_all",
     "write_each",
 ]
@@ -328,6 +329,22 @@ def running_copy(copy: LocalCopy | None) -> StreamInfo | None:
         return None
     info = effective(copy.info)
     return info if info.state == "running" else None
+
+
+async def wait_own(
+    notifier: Notifier, copy: LocalCopy | None, info: StreamInfo, timeout: float
+) -> bool:
+    """`Store.wait` for a stream this process produces (`copy` holds its lease): every change
+    but another process's abort or delete is this process's own and notifies locally; those
+    two make the producer's next write (or renewal) raise `LeaseLost`, which notifies too, and
+    until then `timeout` bounds the wait. False, at once, when `info` is not of `copy`'s
+    generation: the caller waits its own way."""
+    if copy is None or copy.info.generation != info.generation:
+        return False
+    event = notifier.event(info.id)
+    if copy.info.version == info.version:
+        await notifier.wait(info.id, event, timeout)
+    return True
 
 
 def new_token() -> str:

@@ -32,6 +32,7 @@ from .._base import (
     evolve,
     new_token,
     running_copy,
+    wait_own,
 )
 from .._batch import GroupCommit
 from ._listener import Listener
@@ -537,15 +538,8 @@ class PostgresStore:
 
     async def wait(self, info: StreamInfo, timeout: float) -> None:
         stream_id = info.id
-        mine = self._producing.get(stream_id)
-        if mine is not None and mine.info.generation == info.generation:
-            # This process holds the lease: every change but another process's abort/delete
-            # is its own and notifies locally. Those two make its next write (or renewal)
-            # raise LeaseLost, which notifies too; until then `timeout` bounds it.
-            event = self._notifier.event(stream_id)
-            if mine.info.version == info.version:
-                await self._notifier.wait(stream_id, event, timeout)
-            return
+        if await wait_own(self._notifier, self._producing.get(stream_id), info, timeout):
+            return  # produced here: woken by this process's own writes
         deadline = anyio.current_time() + timeout
         if info.state == "running" and info.lease_expires_at is not None:
             # The lease running out is a change (`effective` turns the stream `failed`) that

@@ -29,6 +29,7 @@ from .._base import (
     join,
     new_token,
     running_copy,
+    wait_own,
     write_each,
 )
 from . import _scripts as scripts
@@ -313,15 +314,8 @@ class RedisStore:
 
     async def wait(self, info: StreamInfo, timeout: float) -> None:
         stream_id = info.id
-        mine = self._producing.get(stream_id)
-        if mine is not None and mine.info.generation == info.generation:
-            # This process holds the lease: every change but another process's abort/delete
-            # is its own and notifies locally, so no tail. Those two make its next write (or
-            # renewal) raise LeaseLost, which notifies too; until then `timeout` bounds it.
-            event = self._notifier.event(stream_id)
-            if mine.info.version == info.version:
-                await self._notifier.wait(stream_id, event, timeout)
-            return
+        if await wait_own(self._notifier, self._producing.get(stream_id), info, timeout):
+            return  # produced here: woken by this process's own writes
         await self._follower.wait(info, timeout, key=self._keys(stream_id)[2])
 
     async def attach(self, stream_id: str, delta: int) -> None:
