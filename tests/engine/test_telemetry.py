@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from durable_asgi import DurableMiddleware, MemoryStore, SQLiteStore, Store, store_from_url
+from durable_asgi import DurableMiddleware, MemoryStore, Store
 from durable_asgi._telemetry import stream_hash
 from durable_asgi._types import Message, Receive, Scope, Send
 from durable_asgi.exceptions import StoreError
@@ -42,7 +42,7 @@ from durable_asgi.stores import stream_id
 from ..support.apps import StreamApp, wait_thread_event
 from ..support.asgi import call
 from ..support.servers import IncompleteBody, fetch, open_stream, running_server
-from ..support.stores import Ids, redis_factory
+from ..support.stores import store_makers
 
 pytestmark = pytest.mark.anyio
 
@@ -114,7 +114,7 @@ POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres)
 @pytest.fixture(params=["memory", "sqlite", REDIS, POSTGRES])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
     """Makes stores of one kind that share their data (memory: one store, made once)."""
-    yield from _stores(request, tmp_path)
+    yield from store_makers(request, tmp_path)
 
 
 @pytest.fixture(params=["sqlite", REDIS, POSTGRES])
@@ -122,24 +122,7 @@ def make_shared_store(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[[], Store]]:
     """Makes stores of one kind shared between workers (processes, machines)."""
-    yield from _stores(request, tmp_path)
-
-
-def _stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
-    if request.param == "memory":
-        memory = MemoryStore()
-        yield lambda: memory
-    elif request.param == "sqlite":
-        yield lambda: SQLiteStore(tmp_path / "durable.db")
-    elif request.param == "postgres":
-        url = str(request.getfixturevalue("postgres_store_url"))  # a schema of its own
-        yield lambda: store_from_url(url)
-    else:
-        make, clean = redis_factory(request, Ids())
-        try:
-            yield make
-        finally:
-            clean()
+    yield from store_makers(request, tmp_path)
 
 
 def durable(app: Any, store: Store, otel: Otel, **options: Any) -> DurableMiddleware:

@@ -19,7 +19,7 @@ from durable_asgi.stores._base import Lease, stream_id
 from durable_asgi.streams import StreamsApp
 
 from ..support.servers import running_server
-from ..support.stores import Ids, redis_factory
+from ..support.stores import store_makers
 from .test_ds_protocol import AUTH, SECRET, _wait, _with, read_all
 from .upstream import Origin, sse_body
 
@@ -29,14 +29,7 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def shared(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     """Makes store handles that share one database (one per worker)."""
-    if request.param == "sqlite":
-        yield lambda: SQLiteStore(tmp_path / "shared.db")
-    else:
-        make, clean = redis_factory(request, Ids())
-        try:
-            yield make
-        finally:
-            clean()
+    yield from store_makers(request, tmp_path)
 
 
 async def test_create_on_one_worker_read_and_abort_on_another(

@@ -49,6 +49,7 @@ __all__ = [
     "postgres_server",
     "redis_factory",
     "redis_server",
+    "store_makers",
 ]
 
 #: (store kind, async library) pairs every conformance test runs on.
@@ -276,3 +277,27 @@ async def open_stores(
                 clean()
             if drop_schema is not None and factory.made:
                 await drop_postgres_schema(url, drop_schema)
+
+
+def store_makers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """For a fixture parametrized by store kind (``request.param``): a function making store
+    handles that share one database, as the workers of one deployment do (memory: one store,
+    made once). Redis keys and PostgreSQL schemas are the test's own, removed after it."""
+    if request.param == "memory":
+        memory = MemoryStore()
+        yield lambda: memory
+    elif request.param == "sqlite":
+        from durable_asgi.stores.sqlite import SQLiteStore
+
+        yield lambda: SQLiteStore(tmp_path / "durable.db")
+    elif request.param == "postgres":
+        from durable_asgi.stores import store_from_url
+
+        url = str(request.getfixturevalue("postgres_store_url"))  # a schema of its own
+        yield lambda: store_from_url(url)
+    else:
+        make, clean = redis_factory(request, Ids())
+        try:
+            yield make
+        finally:
+            clean()
