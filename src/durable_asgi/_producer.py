@@ -39,7 +39,7 @@ from ._reader import (
 from ._request import replay_body
 from ._tasks import Beside, Flag, asyncio_loop
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from ._write_behind import WriteBehind
+from ._write_behind import HIGH_WATER, WriteBehind
 from .exceptions import LeaseLost, StoreError
 from .stores._base import FinalState, Headers, Lease, Write, write_all
 
@@ -272,8 +272,35 @@ class Producer:
         self.state = FINAL_STATE[self.stop_reason]
 
     async def _send(self, message: Message) -> None:
+        # Once per chunk, so the common case (a body chunk) comes first and does little.
         kind = message["type"]
-        if kind == "http.response.start":
+        if kind == "http.response.body":
+            buffer = self.buffer
+            if self.phase is not Phase.STREAMING or buffer.closed:
+                return
+            data = message.get("body", b"")
+            if data:
+                limit = self.options.max_response_bytes
+                if buffer.total + len(data) > limit:
+                    self.stop(Stop.TOO_LARGE, f"{limit} bytes")
+                    await anyio.lowlevel.checkpoint()  # deliver the cancellation to the app now
+                    return
+                if type(data) is not bytes:
+                    data = bytes(data)
+                buffer.put(data)
+                if self.client is not None:
+                    self.client.body(data)
+            if not message.get("more_body", False):
+                self._advance(Phase.SENT)
+            if self._flusher is not None:
+                self._flusher.add(self)
+            else:
+                buffer.wake()
+            if buffer.size > HIGH_WATER:  # backpressure: the store is behind
+                if self._flusher is not None:
+                    self._flusher.hurry()
+                await buffer.wait_drained()
+        elif kind == "http.response.start":
             if self.phase is not Phase.STARTING:
                 return
             status = int(message["status"])
@@ -290,27 +317,6 @@ class Producer:
                 # Nobody is fed inline (the proxy's mode 2): every reader waits for the stored
                 # head, so it is stored without waiting for the flush window.
                 self._flusher.hurry()
-        elif kind == "http.response.body":
-            if self.phase is not Phase.STREAMING or self.buffer.closed:
-                return
-            data = message.get("body", b"")
-            if data:
-                limit = self.options.max_response_bytes
-                if self.buffer.total + len(data) > limit:
-                    self.stop(Stop.TOO_LARGE, f"{limit} bytes")
-                    await anyio.lowlevel.checkpoint()  # deliver the cancellation to the app now
-                    return
-                data = bytes(data)
-                self.buffer.put(data)
-                if self.client is not None:
-                    self.client.body(data)
-            if not message.get("more_body", False):
-                self._advance(Phase.SENT)
-            self._pending()
-            if self.buffer.over_high_water:  # backpressure: the store is behind
-                if self._flusher is not None:
-                    self._flusher.hurry()
-                await self.buffer.wait_drained()
 
     # -- storing -------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import anyio
 
 from ._options import StreamOptions
 from ._protocol import SSEIds, is_event_stream, replay_headers, send_json
-from ._tasks import DONE, Beside, finish, step
+from ._tasks import Beside, finish
 from ._telemetry import log_fields
 from ._types import Message, Receive, Send
 from .exceptions import StoreError
@@ -169,7 +169,7 @@ class LiveClient:
 
     def body(self, data: bytes) -> None:
         """Send a chunk of the body, if the client is live."""
-        if not self.live:
+        if self.behind is not None or self.gone:
             return
         self.offset += len(data)
         if self.ids is not None:
@@ -182,8 +182,13 @@ class LiveClient:
             self.changed()
 
     def _deliver(self, message: Message) -> None:
+        # `step`, inlined: this runs once per chunk.
         try:
-            steps, yielded = step(self.send(message))
+            steps = self.send(message).__await__()
+            try:
+                yielded = next(steps)
+            except StopIteration:
+                return  # sent: the client keeps up
         except OSError:  # ASGI 2.4+ servers raise it on send once the client left
             self.leave()
             return
@@ -191,9 +196,8 @@ class LiveClient:
             self.error = exc
             self.leave()
             return
-        if yielded is not DONE:
-            self.behind = asyncio.ensure_future(finish(steps, yielded))
-            self.changed()
+        self.behind = asyncio.ensure_future(finish(steps, yielded))
+        self.changed()
 
     def leave(self) -> None:
         """The client is gone: nothing more is sent to it."""
