@@ -25,7 +25,7 @@ import anyio
 
 from ._options import StreamOptions
 from ._protocol import SSEIds, is_event_stream, replay_headers, send_json
-from ._tasks import Beside, finish
+from ._tasks import DONE, Beside, finish, step
 from ._telemetry import log_fields
 from ._types import Message, Receive, Send
 from .exceptions import StoreError
@@ -182,13 +182,8 @@ class LiveClient:
             self.changed()
 
     def _deliver(self, message: Message) -> None:
-        # `step`, inlined: this runs once per chunk.
         try:
-            steps = self.send(message).__await__()
-            try:
-                yielded = next(steps)
-            except StopIteration:
-                return  # sent: the client keeps up
+            steps, yielded = step(self.send(message))
         except OSError:  # ASGI 2.4+ servers raise it on send once the client left
             self.leave()
             return
@@ -196,8 +191,9 @@ class LiveClient:
             self.error = exc
             self.leave()
             return
-        self.behind = asyncio.ensure_future(finish(steps, yielded))
-        self.changed()
+        if yielded is not DONE:
+            self.behind = asyncio.ensure_future(finish(steps, yielded))
+            self.changed()
 
     def leave(self) -> None:
         """The client is gone: nothing more is sent to it."""
