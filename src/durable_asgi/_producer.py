@@ -290,6 +290,10 @@ class Producer:
                 buffer.put(data)
                 if self.client is not None:
                     self.client.body(data)
+                elif buffer.total == len(data) and self._flusher is not None:
+                    # Nobody is fed inline (mode 2): readers wait for the stored first bytes
+                    # (their time to first byte), so they don't wait for the flush window.
+                    self._flusher.hurry()
             if not message.get("more_body", False):
                 self._advance(Phase.SENT)
             if self._flusher is not None:

@@ -70,6 +70,23 @@ async def test_create_then_catch_up_read(serve: Serve) -> None:
         assert s.origin.calls["/sse"] == 1
 
 
+@pytest.mark.parametrize(
+    "wait", [0.45, 0.9], ids=["head-after-a-third-of-the-lease", "head-after-the-lease"]
+)
+async def test_an_upstream_slower_than_the_lease_to_answer_is_stored_whole(
+    serve: Serve, wait: float
+) -> None:
+    """The stream is claimed while the upstream is asked: an upstream whose head takes longer
+    than a third of the lease (renewed before the producer starts) or than the whole lease
+    (claimed again) still gives a complete stream, the upstream called once."""
+    with serve(secret=SECRET, lease_seconds=0.6) as s:
+        created = await create(s, f"/sse?n=5&delay=0.05&wait={wait}")
+        assert created.status_code == 201, created.text
+        body, last = await read_all(created.headers["location"])
+        assert (body, last.headers["durable-state"]) == (sse_body(5), "complete")
+        assert s.origin.calls["/sse"] == 1
+
+
 async def test_sse_read(serve: Serve) -> None:
     with serve(secret=SECRET) as s:
         created = await create(s, "/sse?n=5")

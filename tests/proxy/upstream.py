@@ -4,7 +4,8 @@
     with running_server(origin) as up:        # tests/support/servers.py
         ...                                    # GET /sse?n=20&pause=3&fail=5, /status/404, ...
 
-- ``/sse``: `n` events (`sse_event(i)`), awaiting `delay` seconds before each. ``pause=k``:
+- ``/sse``: `n` events (`sse_event(i)`), awaiting `delay` seconds before each (``wait``: seconds
+  before the response head). ``pause=k``:
   after k events it sets `paused` and waits for `release`; ``fail=k``: raises instead of
   sending event k (the server resets the connection mid-body). It counts events `sent`, sets
   `finished` when it ran to its end and `stopped` when its client left (it was cancelled).
@@ -96,6 +97,7 @@ class Origin:
         query = request.query_params
         n, delay = int(query.get("n", EVENTS)), float(query.get("delay", 0.005))
         pause, fail = int(query.get("pause", -1)), int(query.get("fail", -1))
+        await anyio.sleep(float(query.get("wait", 0)))
 
         async def events() -> AsyncIterator[bytes]:
             try:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -29,7 +30,7 @@ from .._producer import Producer
 from .._protocol import with_headers
 from .._request import DurableRequest, header
 from .._types import Receive, Scope, Send
-from ..exceptions import BadRequest, ClientDisconnected, StoreError, StoreFull
+from ..exceptions import BadRequest, ClientDisconnected, LeaseLost, StoreError, StoreFull
 from ..stores._base import Lease, stream_id
 from ..streams import ReadError, StreamReader, error_body, refusal_reason
 from ._upstream import UpstreamError
@@ -258,13 +259,83 @@ class DurableStreams:
             raise _Error(exc.status_code, "PAYLOAD_TOO_LARGE", exc.detail) from exc
         except ClientDisconnected:
             return
+        stream = str(uuid.uuid4())
+        sid = self.stream_id(stream)
+        # The claim runs while the upstream is asked, so a store round trip isn't added to
+        # the time to first byte. Its fresh id is handed out only with a 2xx upstream head:
+        # on any other outcome the stream is deleted, never seen by anyone.
+        claimed: list[Lease | BaseException] = []
+        failed: _Error | None = None
+        handed_over = False
+        claimed_at = anyio.current_time()
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._claim, sid, claimed)
+                try:
+                    response = await self._open(upstream, method, scope, body)
+                except _Error as exc:
+                    failed = exc
+            if failed is not None:
+                raise failed
+            if not 200 <= response.status_code < 300:
+                await self._refuse(response, send)
+                return
+            lease = claimed[0]
+            if isinstance(lease, Lease):
+                lease = await self._fresh(lease, claimed_at)
+            if not isinstance(lease, Lease):
+                with anyio.move_on_after(5, shield=True):
+                    await response.aclose()
+                raise lease
+            handed_over = True
+            await self._produce(upstream, stream, lease, response, scope, send)
+        finally:
+            if not handed_over and claimed and isinstance(claimed[0], Lease):
+                with anyio.move_on_after(5, shield=True):
+                    with contextlib.suppress(StoreError):
+                        await self.proxy.middleware.store.delete(sid)
+
+    async def _claim(self, sid: str, claimed: list[Lease | BaseException]) -> None:
+        """Claim the fresh stream `sid`: its lease, or what the store raised, in `claimed`."""
+        mw = self.proxy.middleware
+        try:
+            await mw.engine.ensure_open()
+            lease = await mw.engine.telemetry.timed(
+                "claim", lambda: mw.store.claim(sid, lease_seconds=mw.options.lease_seconds)
+            )
+            assert isinstance(lease, Lease), "a fresh UUID is always claimable"
+            claimed.append(lease)
+        except Exception as exc:
+            claimed.append(exc)
+
+    async def _fresh(self, lease: Lease, claimed_at: float) -> Lease | BaseException:
+        """`lease`, renewed if the upstream's head took a third of it or more (the producer's
+        renewals start from now), or claimed again if it ran out meanwhile."""
+        mw = self.proxy.middleware
+        seconds = mw.options.lease_seconds
+        if anyio.current_time() - claimed_at < seconds / 3:
+            return lease
+        try:
+            await mw.store.renew(lease, lease_seconds=seconds)
+        except LeaseLost:
+            again: list[Lease | BaseException] = []
+            await self._claim(lease.stream_id, again)
+            return again[0]
+        except StoreError as exc:
+            return exc
+        return lease
+
+    async def _open(
+        self, upstream: Upstream, method: str, scope: Scope, body: bytes
+    ) -> httpx.Response:
+        """The upstream's response, once its head is in (within `header_timeout`)."""
         relay = self.proxy.relay
         # The head within `header_timeout`; then up to `body_timeout` between chunks.
         timeout = relay.timeout
         read = max(self.header_timeout, self.body_timeout)
         try:
             with anyio.fail_after(self.header_timeout):
-                response = await relay.open(
+                return await relay.open(
                     upstream,
                     method,
                     self._upstream_headers(scope),
@@ -283,11 +354,6 @@ class DurableStreams:
             raise _Error(
                 502, "UPSTREAM_ERROR", f"the upstream could not be reached: {exc!r}"
             ) from exc
-        status = response.status_code
-        if not 200 <= status < 300:
-            await self._refuse(response, send)
-            return
-        await self._produce(upstream, response, scope, send)
 
     async def _refuse(self, response: httpx.Response, send: Send) -> None:
         """A 3xx or an error head from upstream: no stream, the spec's answer."""
@@ -321,21 +387,16 @@ class DurableStreams:
                 await response.aclose()
 
     async def _produce(
-        self, upstream: Upstream, response: httpx.Response, scope: Scope, send: Send
+        self,
+        upstream: Upstream,
+        stream: str,
+        lease: Lease,
+        response: httpx.Response,
+        scope: Scope,
+        send: Send,
     ) -> None:
+        """Hand the open `response` to a producer of the claimed stream, answer 201."""
         mw = self.proxy.middleware
-        stream = str(uuid.uuid4())
-        sid = self.stream_id(stream)
-        try:
-            await mw.engine.ensure_open()
-            lease = await mw.engine.telemetry.timed(
-                "claim", lambda: mw.store.claim(sid, lease_seconds=mw.options.lease_seconds)
-            )
-        except BaseException:
-            with anyio.move_on_after(5, shield=True):
-                await response.aclose()
-            raise
-        assert isinstance(lease, Lease), "a fresh UUID is always claimable"
         producer = Producer(mw.engine, lease, mw.options, NAMESPACE)
         relay, inactivity = self.proxy.relay, self.body_timeout
 
