@@ -142,7 +142,9 @@ class Database:
         self.writer: Connection | None = None
         self.reader: Connection | None = None
         self._open_lock = anyio.Lock()
-        self._write_lock = anyio.Lock()
+        # asyncio's: taken without a turn of the event loop when free (anyio's always takes
+        # one), and a transaction is taken per batch, on the path of every claim and write.
+        self._write_lock = asyncio.Lock()
 
     async def open(self) -> None:
         """Connect both, setting up WAL mode and the schema. Idempotent."""
