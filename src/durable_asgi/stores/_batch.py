@@ -14,17 +14,41 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 
-__all__ = ["GroupCommit"]
+__all__ = ["GroupCommit", "Waiter"]
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 #: What a flush answers for each item of its batch: the item's result, or the error it raised.
 Flush = Callable[[Sequence[Item]], Awaitable[Sequence["Result | BaseException"]]]
+
+
+class Waiter:
+    """Wakes one caller once every item it queued (`GroupCommit.enqueue` with it) is answered,
+    without cancelling any of them if the caller is cancelled meanwhile (a write in a batch
+    can't be taken back), in one turn of the event loop, where ``asyncio.wait`` takes two (its
+    futures' callbacks run a turn before it wakes): on the path of every claim and flush."""
+
+    __slots__ = ("_future", "_pending")
+
+    def __init__(self) -> None:
+        self._pending = 0
+        self._future: asyncio.Future[None] | None = None
+
+    async def wait(self) -> None:
+        """Until every item queued with this waiter is answered."""
+        if self._pending:
+            self._future = asyncio.get_running_loop().create_future()
+            await self._future
+
+    def _answered(self) -> None:
+        self._pending -= 1
+        if not self._pending and self._future is not None and not self._future.done():
+            self._future.set_result(None)
 
 
 class GroupCommit(Generic[Item, Result]):
@@ -46,7 +70,7 @@ class GroupCommit(Generic[Item, Result]):
             raise ValueError("max_batch must be at least 1")
         self._flush = flush
         self._max_batch = max_batch
-        self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._queue: list[tuple[Item, asyncio.Future[Result], Waiter | None]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
@@ -60,18 +84,22 @@ class GroupCommit(Generic[Item, Result]):
         not land after the caller's next one); with `shield`, the caller waits for the commit
         even when cancelled, so it always knows whether the write landed.
         """
-        future = self.enqueue(item)
-        if shield:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([future])
-            return future.result()
-        return await future
+        if not shield:
+            return await self.enqueue(item)
+        waiter = Waiter()
+        future = self.enqueue(item, waiter)
+        with anyio.CancelScope(shield=True):
+            await waiter.wait()
+        return future.result()
 
-    def enqueue(self, item: Item) -> asyncio.Future[Result]:
+    def enqueue(self, item: Item, waiter: Waiter | None = None) -> asyncio.Future[Result]:
         """Queue `item` and return the future of its result: a caller with many items queues
-        them all, then waits for all (one batch, where `submit` each would be one a batch)."""
+        them all, then waits for all (one batch, where `submit` each would be one a batch) —
+        with a `Waiter`, which the answer to each wakes."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        if waiter is not None:
+            waiter._pending += 1
+        self._queue.append((item, future, waiter))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._run())
         return future
@@ -80,27 +108,26 @@ class GroupCommit(Generic[Item, Result]):
         """The flusher: sends batches in queue order until nothing is queued."""
         try:
             while self._queue:
-                batch = self._queue[: self._max_batch]
+                taken = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
-                batch = [(item, future) for item, future in batch if not future.done()]
+                batch = []
+                for entry in taken:
+                    if entry[1].done():  # its caller was cancelled
+                        _answer(entry, None)
+                    else:
+                        batch.append(entry)
                 if not batch:
                     continue
                 try:
-                    results = await self._flush([item for item, _ in batch])
+                    results = await self._flush([item for item, _, _ in batch])
                 except BaseException as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
+                    for entry in batch:
+                        _answer(entry, exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
+                for entry, result in zip(batch, results, strict=True):
+                    _answer(entry, result)
         finally:
             self._flusher = None
 
@@ -115,6 +142,18 @@ class GroupCommit(Generic[Item, Result]):
     def fail_pending(self, error: BaseException) -> None:
         """Fail every item still queued (the store is closing)."""
         queue, self._queue = self._queue, []
-        for _, future in queue:
-            if not future.done():
-                future.set_exception(error)
+        for entry in queue:
+            _answer(entry, error)
+
+
+def _answer(entry: tuple[Any, asyncio.Future[Any], Waiter | None], result: Any) -> None:
+    """Resolve a queued item's future with `result` (an exception: raised), unless its caller
+    gave up on it; then wake its waiter."""
+    _, future, waiter = entry
+    if not future.done():
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+    if waiter is not None:
+        waiter._answered()

@@ -34,7 +34,7 @@ from .._base import (
     running_copy,
     wait_own,
 )
-from .._batch import GroupCommit
+from .._batch import GroupCommit, Waiter
 from ._listener import Listener
 from ._sql import MAX_SEGMENT, SCHEMA_VERSION, Sql, schema_sql, to_info
 
@@ -312,17 +312,18 @@ class PostgresStore:
         """`write_all` for PostgreSQL: every write's statements in one batch (one transaction;
         one statement per kind of write), each write fenced by its own lease."""
         queued: list[tuple[int, Lease, asyncio.Future[bool | Claimed]]] = []
+        waiter = Waiter()
         for i, write in enumerate(writes):
             lease = write.lease
             if write.head is not None:
                 op = Op("start", lease.stream_id, lease.token, write.head)
-                queued.append((i, lease, self._batch.enqueue(op)))
+                queued.append((i, lease, self._batch.enqueue(op, waiter)))
             if write.data or write.chunks:
                 op = Op("append", lease.stream_id, lease.token, (write.data, write.chunks))
-                queued.append((i, lease, self._batch.enqueue(op)))
+                queued.append((i, lease, self._batch.enqueue(op, waiter)))
         if queued:
             with anyio.CancelScope(shield=True):  # as `_submit`: know whether they landed
-                await asyncio.wait([future for _, _, future in queued])
+                await waiter.wait()
         outcomes: list[BaseException | None] = [None] * len(writes)
         for i, lease, future in queued:
             if outcomes[i] is None:

@@ -30,7 +30,7 @@ from .._base import (
     effective,
     join,
 )
-from .._batch import GroupCommit
+from .._batch import GroupCommit, Waiter
 from . import _writes
 from ._connection import Database
 from ._local import ABSENT, Known
@@ -174,15 +174,16 @@ class SQLiteStore:
         one thread hop), each write fenced by its own lease."""
         await self._db.connections()
         queued: list[tuple[int, asyncio.Future[bool | Claimed]]] = []
+        waiter = Waiter()
         for i, write in enumerate(writes):
             if write.head is not None:
-                queued.append((i, self._batch.enqueue(_start_op(write.lease, *write.head))))
+                queued.append((i, self._batch.enqueue(_start_op(write.lease, *write.head), waiter)))
             if write.data:
                 op = _append_op(write.lease, write.data, write.chunks)
-                queued.append((i, self._batch.enqueue(op)))
+                queued.append((i, self._batch.enqueue(op, waiter)))
         if queued:
             with anyio.CancelScope(shield=True):  # as `_batched`: know whether they landed
-                await asyncio.wait([future for _, future in queued])
+                await waiter.wait()
         outcomes: list[BaseException | None] = [None] * len(writes)
         for i, future in queued:
             if outcomes[i] is None:
