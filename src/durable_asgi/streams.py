@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote
 
 import anyio
@@ -445,17 +445,9 @@ class StreamReader:
                     offset = end
                 closed = info.finished and at_tail
                 if data or closed or (at_tail and not up_to_date_sent):
-                    control: dict[str, Any] = {"streamNextOffset": encode_offset(offset)}
-                    if closed:
-                        control["streamClosed"] = True
-                        control["upToDate"] = True
-                    else:
+                    if not closed:
                         cursor = next_cursor(cursor)
-                        control["streamCursor"] = cursor
-                        if at_tail:
-                            control["upToDate"] = True
-                    control["durableState"] = info.state
-                    events += _event("control", control)
+                    events += _control_event(offset, closed, at_tail, cursor, info.state)
                     up_to_date_sent = at_tail
                 if events:
                     await send(_more(events))
@@ -487,6 +479,20 @@ def _utf8_complete(data: bytes, *, final: bool) -> int:
 def _data_event(payload: str) -> bytes:
     lines = payload.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     return ("event: data\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
+
+
+def _control_event(
+    offset: int, closed: bool, up_to_date: bool, cursor: str | None, state: str
+) -> bytes:
+    """The control event after a read, as ``_event("control", ...)`` would write it: formatted
+    by hand, as it goes out with every SSE read (every value is digits, ``_`` or a state name,
+    so nothing needs escaping)."""
+    fields = f'{{"streamNextOffset":"{encode_offset(offset)}"'
+    if closed:
+        fields += ',"streamClosed":true,"upToDate":true'
+    else:
+        fields += f',"streamCursor":"{cursor}"' + (',"upToDate":true' if up_to_date else "")
+    return f'event: control\ndata: {fields},"durableState":"{state}"}}\n\n'.encode()
 
 
 def _event(name: str, value: object) -> bytes:
