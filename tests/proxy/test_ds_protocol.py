@@ -561,3 +561,31 @@ async def test_cursor_rule(store: Any) -> None:
     assert next_cursor("1", now=CURSOR_EPOCH + 45) == "2"  # behind: the current interval
     for _ in range(20):  # at or ahead: strictly more, by at most 3600 s of intervals
         assert 3 <= int(next_cursor("2", now=CURSOR_EPOCH + 45)) <= 2 + 180
+
+
+@pytest.mark.parametrize(
+    ("offset", "closed", "up_to_date", "cursor", "state"),
+    [
+        (0, False, False, "123", "running"),
+        (55, False, True, "9", "running"),
+        (99, True, True, None, "complete"),
+        (5, True, True, "1", "failed"),
+    ],
+)
+async def test_the_control_event_is_what_json_would_write(
+    offset: int, closed: bool, up_to_date: bool, cursor: str | None, state: str
+) -> None:
+    """The hand-formatted control event of every SSE read, against json.dumps of its fields
+    (PROTOCOL.md 5.8's order: offset, then cursor or closure, then up-to-date)."""
+    from durable_asgi.streams import _control_event, _event, encode_offset
+
+    control: dict[str, Any] = {"streamNextOffset": encode_offset(offset)}
+    if closed:
+        control.update(streamClosed=True, upToDate=True)
+    else:
+        control["streamCursor"] = cursor
+        if up_to_date:
+            control["upToDate"] = True
+    control["durableState"] = state
+    assert _control_event(offset, closed, up_to_date, cursor, state) == _event("control", control)
+    assert json.loads(_control_event(offset, closed, up_to_date, cursor, state)[20:]) == control
