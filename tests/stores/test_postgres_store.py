@@ -18,9 +18,10 @@ from durable_asgi.stores import Lease, store_from_url
 from ..support.stores import Ids, drop_postgres_schema
 
 asyncpg = pytest.importorskip("asyncpg")
+from durable_asgi.stores._batch import runs  # noqa: E402
 from durable_asgi.stores.postgres import PostgresStore  # noqa: E402
 from durable_asgi.stores.postgres._sql import change_tag  # noqa: E402
-from durable_asgi.stores.postgres._store import Op, _runs  # noqa: E402
+from durable_asgi.stores.postgres._store import Op  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -186,10 +187,10 @@ def test_a_batch_is_cut_into_few_runs_keeping_each_streams_order() -> None:
         Op("renew", "d", "t", (5.0,)),
         Op("finish", "a", "t", ("complete", 60.0, True)),
     ]
-    assert _runs(ops) == [[0, 1], [2], [3, 4], [5]]
+    assert runs(ops) == [[0, 1], [2], [3, 4], [5]]
     # A flush of new streams: each one's head, then its first chunk: two statements.
     flush = [Op(kind, sid, "t", ()) for sid in "abcd" for kind in ("start", "append")]
-    assert _runs(flush) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert runs(flush) == [[0, 2, 4, 6], [1, 3, 5, 7]]
 
 
 async def test_large_appends_are_split_into_segments(postgres_url: str, schema: str) -> None:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
-__all__ = ["GroupCommit", "Waiter"]
+__all__ = ["GroupCommit", "Keyed", "Waiter", "runs"]
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -157,3 +157,34 @@ def _answer(entry: tuple[Any, asyncio.Future[Any], Waiter | None], result: Any) 
             future.set_result(result)
     if waiter is not None:
         waiter._answered()
+
+
+class Keyed(Protocol):
+    """What `runs` groups by: an op's kind of write and its stream."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def stream_id(self) -> str: ...
+
+
+def runs(ops: Sequence[Keyed]) -> list[list[int]]:
+    """`ops` (by index) grouped into runs of one kind, each applied by one set-based statement
+    (or a few), run in order. Writes of different streams commute, so an op joins the first
+    run of its kind after the run of its stream's previous op: a flush of a thousand new
+    streams' heads and first chunks is two runs, not two thousand, each stream's writes still
+    apply in order, and a run holds at most one op of each stream."""
+    grouped: list[list[int]] = []
+    kinds: list[str] = []
+    last: dict[str, int] = {}  # stream id -> the run of its latest op
+    for i, op in enumerate(ops):
+        at = last.get(op.stream_id, -1) + 1
+        while at < len(grouped) and kinds[at] != op.kind:
+            at += 1
+        if at == len(grouped):
+            grouped.append([])
+            kinds.append(op.kind)
+        grouped[at].append(i)
+        last[op.stream_id] = at
+    return grouped

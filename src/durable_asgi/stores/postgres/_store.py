@@ -34,7 +34,7 @@ from .._base import (
     running_copy,
     wait_own,
 )
-from .._batch import GroupCommit, Waiter
+from .._batch import GroupCommit, Waiter, runs
 from ._listener import Listener
 from ._sql import MAX_SEGMENT, SCHEMA_VERSION, Sql, schema_sql, to_info
 
@@ -359,20 +359,20 @@ class PostgresStore:
 
     async def _commit(self, ops: Sequence[Op]) -> list[bool | Claimed]:
         """The batch writer: `ops`, from every stream, in one transaction — one statement per
-        run of one kind of write (`_runs`), one round trip in all when there's one run. Then
+        run of one kind of write (`runs`), one round trip in all when there's one run. Then
         the local copies are brought up to date and this process's readers woken."""
-        runs = _runs(ops)
+        grouped = runs(ops)
         for attempt in range(DEADLOCK_RETRIES + 1):
             results: list[bool | Claimed] = [False] * len(ops)
             rows: dict[int, Any] = {}
             try:
                 async with self._connection("write") as connection:
-                    if len(runs) == 1:
-                        await self._apply(connection, ops, runs[0], results, rows)
+                    if len(grouped) == 1:
+                        await self._apply(connection, ops, grouped[0], results, rows)
                     else:
                         self.round_trips += 2  # BEGIN, COMMIT
                         async with connection.transaction():
-                            for run in runs:
+                            for run in grouped:
                                 await self._apply(connection, ops, run, results, rows)
             except StoreError as exc:
                 # Rolled back as a whole: a deadlock with another worker's transaction (rows
@@ -608,26 +608,6 @@ class PostgresStore:
             self._producing.pop(row["id"], None)
             self._notifier.notify(row["id"])
         return len(rows)
-
-
-def _runs(ops: Sequence[Op]) -> list[list[int]]:
-    """`ops` (by index) grouped into runs of one kind, each one set-based statement, run in
-    order. Writes of different streams commute, so an op joins the first run of its kind after
-    the run of its stream's previous op: a flush of a thousand new streams' heads and first
-    chunks is two statements, not two thousand, and each stream's writes still apply in order."""
-    runs: list[list[int]] = []
-    kinds: list[str] = []
-    last: dict[str, int] = {}  # stream id -> the run of its latest op
-    for i, op in enumerate(ops):
-        at = last.get(op.stream_id, -1) + 1
-        while at < len(runs) and kinds[at] != op.kind:
-            at += 1
-        if at == len(runs):
-            runs.append([])
-            kinds.append(op.kind)
-        runs[at].append(i)
-        last[op.stream_id] = at
-    return runs
 
 
 def _redacted(dsn: str) -> str:

@@ -4,17 +4,19 @@ Design, in brief (each module says more):
 
 - `_schema`: two tables, ``streams`` (one row of metadata per stream) and ``segments`` (the
   body as rows keyed by ``(stream_id, start)``); a read is a *single* SELECT of the stream's
-  row and its segments, which is what makes its snapshot atomic. An append is one fenced
-  INSERT of a segment; a trigger advances the stream's size, chunk count and version in the
-  same statement (WAL + ``synchronous=NORMAL``: no fsync per commit).
+  row and its segments, which is what makes its snapshot atomic (WAL +
+  ``synchronous=NORMAL``: no fsync per commit). The file's schema version is kept in
+  ``PRAGMA user_version``; an older file is migrated on open.
 - `_connection`: two `sqlite3` connections, each on a thread of its own: a writer, used by
   one transaction at a time, and a reader, so reads never wait behind writes (WAL mode).
 - `_writes`: every producer write is fenced in SQL (``WHERE generation = :token AND state =
   'running'``), so a lost lease can never write. Producer writes and `attach` are committed
   by a batch writer (`GroupCommit`): everything queued, from every stream, in one transaction
   and one thread hop; writes of one stream commit in order, none is acknowledged before its
-  commit. Claims (``BEGIN IMMEDIATE``: atomic across processes), aborts, deletes and purges
-  take the same writer connection, in their own transactions.
+  commit. A batch is applied run by run, set-based: all of a run's appends by one staged
+  ``executemany``, one UPDATE (answering the rows) and one INSERT. Claims (``BEGIN
+  IMMEDIATE``: atomic across processes) join the batch; aborts, deletes and purges take the
+  same writer connection, in their own transactions.
 - `_local`: streams this process produces are also kept in memory, from the claim on, so
   their readers here need no query, and a claim joining one needs no transaction while the
   copy is known to match the file (``PRAGMA data_version``).

@@ -22,7 +22,7 @@ import anyio
 
 from ...exceptions import ConfigurationError
 from .._base import StoreError
-from ._schema import create_schema
+from ._schema import CREATE_STAGED, create_schema
 
 __all__ = ["PAGE_CACHE_KIB", "Connection", "Database"]
 
@@ -262,6 +262,9 @@ def _set_up_writer(conn: sqlite3.Connection, path: str) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     create_schema(conn, path)
+    # The batch writer's staging table (`_writes`): this connection's own, kept in memory.
+    conn.execute("PRAGMA temp_store = MEMORY")
+    conn.execute(CREATE_STAGED)
 
 
 def _in_transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], _T]) -> _T:

@@ -15,8 +15,11 @@ from .._base import info_from_row as to_info
 
 __all__ = ["to_info"]  # rows to `StreamInfo`: shared with PostgreSQL, named as here before
 
-#: Bumped when the schema changes incompatibly (kept in ``PRAGMA user_version``).
-SCHEMA_VERSION = 1
+#: Bumped when the schema changes incompatibly (kept in ``PRAGMA user_version``). 2: no
+#: ``segment_appended`` trigger (appends advance their streams themselves: `ADVANCE_STAGED`).
+SCHEMA_VERSION = 2
+#: The oldest SQLite the statements run on: ``UPDATE … FROM`` (3.33) and ``RETURNING`` (3.35).
+MIN_SQLITE = (3, 35, 0)
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS streams (
@@ -44,16 +47,6 @@ SCHEMA = (
         data BLOB NOT NULL,
         PRIMARY KEY (stream_id, start)
     )""",
-    # Appending a segment advances its stream in the same statement, so an append is one
-    # statement: atomic without an explicit transaction, and one thread hop instead of four.
-    """CREATE TRIGGER IF NOT EXISTS segment_appended AFTER INSERT ON segments BEGIN
-        UPDATE streams SET
-            size = size + length(NEW.data),
-            chunks = chunks + NEW.chunks,
-            version = version + 1,
-            updated_at = (julianday('now') - 2440587.5) * 86400.0
-        WHERE id = NEW.stream_id;
-    END""",
 )
 
 INFO_COLUMNS = (
@@ -81,13 +74,38 @@ OWNED = "id = :id AND generation = :token AND state = 'running'"
 SELECT_STREAM = f"SELECT {COLUMNS} FROM streams WHERE id = :id"
 SELECT_LIVE_STREAM = f"{SELECT_STREAM} AND {LIVE}"
 
-# Fenced: inserts nothing unless the lease is the stream's current one. Starts at the end.
-APPEND = (
+# A run of appends (one per stream) is staged in this table of the writer's connection (one
+# row per segment: `rel` is its offset within its append, `size` the append's whole length,
+# `chunks` the append's on its first segment and 0 on the others),
+# then applied by two statements, however many streams: `ADVANCE_STAGED`, `APPEND_STAGED`.
+CREATE_STAGED = """CREATE TEMP TABLE IF NOT EXISTS staged (
+    id TEXT NOT NULL,
+    token TEXT NOT NULL,
+    rel INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    chunks INTEGER NOT NULL,
+    data BLOB NOT NULL
+)"""
+STAGE = "INSERT INTO staged (id, token, rel, size, chunks, data) VALUES (?, ?, ?, ?, ?, ?)"
+#: `OWNED` for each staged row `s` and its stream `t`.
+STAGED_OWNED = "t.id = s.id AND t.generation = s.token AND t.state = 'running'"
+# Advances each stream whose lease holds by its staged append, and answers its row: what the
+# batch tells `Known`, so no re-read. First, so `APPEND_STAGED` sees the streams advanced:
+# each segment starts at the stream's new size less its append, plus its offset in it.
+ADVANCE_STAGED = (
+    "UPDATE streams AS t SET size = t.size + s.size, chunks = t.chunks + s.chunks, "
+    "version = t.version + 1, updated_at = (julianday('now') - 2440587.5) * 86400.0 "
+    f"FROM staged AS s WHERE s.rel = 0 AND {STAGED_OWNED} RETURNING {COLUMNS}"
+)
+# The segments of the streams just advanced (the same fence: all of an append's or none).
+# In key order: the index pages each touches are visited once, in order.
+APPEND_STAGED = (
     "INSERT INTO segments (stream_id, start, chunks, data) "
-    f"SELECT id, size, :chunks, :data FROM streams WHERE {OWNED}"
+    "SELECT s.id, t.size - s.size + s.rel, s.chunks, s.data "
+    f"FROM staged AS s JOIN streams AS t ON {STAGED_OWNED} ORDER BY s.id, s.rel"
 )
 
-ATTACH = "UPDATE streams SET readers = max(0, readers + :delta) WHERE id = :id"
+ATTACH = f"UPDATE streams SET readers = max(0, readers + :delta) WHERE id = :id RETURNING {COLUMNS}"
 
 # One statement, so one snapshot: the stream's row (start = -1), then the part of each segment
 # that overlaps [:off, :end). The segment holding :off is found through the primary key;
@@ -105,12 +123,19 @@ ORDER BY start
 
 
 def update_owned(assignments: str) -> str:
-    """A fenced UPDATE of the lease's stream setting `assignments`."""
-    return f"UPDATE streams SET {assignments} WHERE {OWNED}"
+    """A fenced UPDATE of the lease's stream setting `assignments`, answering its row."""
+    return f"UPDATE streams SET {assignments} WHERE {OWNED} RETURNING {COLUMNS}"
 
 
 def create_schema(conn: sqlite3.Connection, path: str) -> None:
-    """In the writer's thread: create the tables, or check that the file's are ours."""
+    """In the writer's thread: create the tables, or check that the file's are ours and bring
+    an older schema up to date (1: drop the trigger). Every process of this version does the
+    same, in turn, under one lock: the first migrates, the others find it done."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise StoreError(
+            f"SQLiteStore needs SQLite >= {'.'.join(map(str, MIN_SQLITE))}, but Python's "
+            f"sqlite3 uses {sqlite3.sqlite_version}"
+        )
     conn.execute("BEGIN IMMEDIATE")  # one process creates, the others wait and see it
     try:
         ((version,),) = conn.execute("PRAGMA user_version").fetchall()
@@ -121,6 +146,9 @@ def create_schema(conn: sqlite3.Connection, path: str) -> None:
             )
         for statement in SCHEMA:
             conn.execute(statement)
+        # Version 1 advanced a stream from a trigger on each inserted segment: the appends of
+        # this version advance it themselves (twice, with the trigger). Existing rows stand.
+        conn.execute("DROP TRIGGER IF EXISTS segment_appended")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -36,7 +36,6 @@ from ._connection import Database
 from ._local import ABSENT, Known
 from ._poller import Poller
 from ._schema import (
-    APPEND,
     ATTACH,
     COLUMNS,
     LIVE,
@@ -50,9 +49,6 @@ from ._writes import Claimed, Op
 
 __all__ = ["SQLiteStore"]
 
-#: Appends larger than this are stored as several segments, so a read never loads more than
-#: about this much of a segment it only needs part of.
-MAX_SEGMENT = 1 << 20
 #: Streams listed per query by `scan` (no read transaction stays open between pages).
 SCAN_PAGE = 256
 #: Most queued writes committed in one transaction by the batch writer.
@@ -138,7 +134,7 @@ class SQLiteStore:
             await self.purge_expired()
         # In the batch with every stream's writes: one transaction for many claims, not one
         # each, and the renewals queued behind them don't wait for a transaction per claim.
-        op = Op(stream_id, "", [], "claim", claim_args=(lease_seconds, replace))
+        op = Op("claim", stream_id, claim_args=(lease_seconds, replace))
         await self._db.connections()
         result = await self._batch.submit(op, shield=True)
         if isinstance(result, StreamInfo):
@@ -226,10 +222,10 @@ class SQLiteStore:
     ) -> None:
         """One fenced UPDATE of the lease's stream; `LeaseLost` if the lease isn't current."""
         op = Op(
-            lease.stream_id,
-            update_owned(assignments),
-            [{"id": lease.stream_id, "token": lease.token, **params}],
             kind,
+            lease.stream_id,
+            sql=update_owned(assignments),
+            params={"id": lease.stream_id, "token": lease.token, **params},
         )
         if not await self._batched(op):
             raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
@@ -342,7 +338,9 @@ class SQLiteStore:
     # -- other writes ------------------------------------------------------------------------
 
     async def attach(self, stream_id: str, delta: int) -> None:
-        await self._batched(Op(stream_id, ATTACH, [{"id": stream_id, "delta": delta}], "attach"))
+        await self._batched(
+            Op("attach", stream_id, sql=ATTACH, params={"id": stream_id, "delta": delta})
+        )
 
     async def abort(self, stream_id: str, *, ttl: float) -> bool:
         aborted = await self._db.write(lambda db: _writes.abort(db, stream_id, ttl))
@@ -368,32 +366,25 @@ class SQLiteStore:
 def _start_op(lease: Lease, status: int, headers: Headers) -> Op:
     """The fenced statement that records a response head."""
     return Op(
-        lease.stream_id,
-        update_owned(
-            "status_code = :status, headers = :headers, version = version + 1, updated_at = :now"
-        ),
-        [
-            {
-                "id": lease.stream_id,
-                "token": lease.token,
-                "status": status,
-                "headers": dump_headers(headers),
-                "now": time.time(),
-            }
-        ],
         "start",
+        lease.stream_id,
+        sql=START,
+        params={
+            "id": lease.stream_id,
+            "token": lease.token,
+            "status": status,
+            "headers": dump_headers(headers),
+            "now": time.time(),
+        },
     )
 
 
 def _append_op(lease: Lease, data: bytes, chunks: int) -> Op:
-    """The fenced statements that append `data` (in segments of at most MAX_SEGMENT bytes,
-    all or none of them landing)."""
-    owned = {"id": lease.stream_id, "token": lease.token}
-    view = memoryview(data)
-    pieces = [
-        {**owned, "chunks": 0 if start else chunks, "data": view[start : start + MAX_SEGMENT]}
-        for start in range(0, len(data), MAX_SEGMENT)
-    ]
-    if len(pieces) == 1:
-        pieces[0]["data"] = data
-    return Op(lease.stream_id, APPEND, pieces, "append", data)
+    """An append of `data` (not empty), staged with the rest of its run by the batch writer."""
+    return Op("append", lease.stream_id, lease.token, data, chunks)
+
+
+#: `_start_op`'s statement.
+START = update_owned(
+    "status_code = :status, headers = :headers, version = version + 1, updated_at = :now"
+)

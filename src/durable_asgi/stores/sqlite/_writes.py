@@ -1,37 +1,54 @@
 """What runs in the writer's thread, inside one transaction (see `Database.transaction`).
 
-Claims, producer writes (start, append, renew, finish) and `attach` are `Op`s — a fenced
-statement each, or for a claim the `claim` function —, many of them, from every stream,
-committed together by `apply_batch`: a worker that takes a thousand requests a second pays one
-thread hop and one transaction per batch, not per request. Aborts, deletes and purges are a
-transaction of their own each: `abort`, `delete`, `purge`.
+Claims, producer writes (start, append, renew, finish) and `attach` are `Op`s, many of them,
+from every stream, committed together by `apply_batch`: a worker that takes a thousand
+requests a second pays one thread hop and one transaction per batch, not per request. The
+batch is cut into runs of one kind (`runs`, as PostgreSQL's), and a run of appends — what a
+flush at token pace is: one small append for each of hundreds of streams — is *set-based*: its
+rows staged with one ``executemany``, then one UPDATE advancing every stream whose lease holds
+(answering their rows) and one INSERT of their segments, instead of a statement, a trigger and
+a re-read per stream. Other kinds are a fenced statement per op (answering the row), or for a
+claim the `claim` function: heads and finishes are one per stream, renewals one per lease/3.
+Aborts, deletes and purges are a transaction of their own each: `abort`, `delete`, `purge`.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .._base import Lease, StreamInfo, effective, is_claimable, new_token
-from ._schema import COLUMNS, LIVE, SELECT_STREAM, to_info
+from .._batch import runs
+from ._schema import (
+    ADVANCE_STAGED,
+    APPEND_STAGED,
+    COLUMNS,
+    LIVE,
+    SELECT_STREAM,
+    STAGE,
+    to_info,
+)
 
 #: Stream ids per ``IN (...)`` list (well under SQLite's bound-parameter limit).
 IDS_PER_QUERY = 500
+#: Appends larger than this are stored as several segments, so a read never loads more than
+#: about this much of a segment it only needs part of.
+MAX_SEGMENT = 1 << 20
 
 
-@dataclass(frozen=True)
-class Op:
-    """One fenced write waiting for the batch writer: `sql` run with each of `params` (several
-    for an append split into segments: all or none of them land) — or, for a ``claim``, the
-    `claim` function with `claim_args` (lease seconds, replace)."""
+class Op(NamedTuple):
+    """One write waiting for the batch writer. An append carries its lease's `token`, its
+    `data` (not empty) and `chunks`; a claim its `claim_args` (lease seconds, replace); every
+    other kind its fenced statement `sql`, answering the stream's row, and its `params`."""
 
-    stream_id: str
-    sql: str
-    params: list[dict[str, Any]]
     kind: str  # "claim", "append", "start", "renew", "finish", "update", "attach"
+    stream_id: str
+    token: str = ""
     data: bytes = b""
+    chunks: int = 0
+    sql: str = ""
+    params: dict[str, Any] | None = None
     claim_args: tuple[float, bool] = (0.0, False)
 
 
@@ -47,7 +64,7 @@ class Batch(NamedTuple):
     claims: dict[int, Claimed]
     """What each claim answered, by its index in the batch."""
     rows: list[sqlite3.Row]
-    """The ``streams`` rows the ops touched, as committed."""
+    """The ``streams`` rows the ops touched, as committed (one per stream)."""
     data_version: int
     """The writer connection's ``PRAGMA data_version``: it changes when another connection —
     another process — commits."""
@@ -57,33 +74,68 @@ class Batch(NamedTuple):
 
 
 def apply_batch(conn: sqlite3.Connection, ops: list[Op]) -> Batch:
-    """Every op, then the rows they touched."""
+    """Every op, run by run; then the rows of the streams they touched, as committed: each
+    changed row as its last statement answered it, the others (fence lost, not claimable)
+    read again."""
     ((data_version,),) = conn.execute("PRAGMA data_version").fetchall()
     checked = time.monotonic()
-    applied = []
+    applied = [False] * len(ops)
     claims: dict[int, Claimed] = {}
-    for i, op in enumerate(ops):
-        if op.kind == "claim":
-            claims[i] = claim(conn, op.stream_id, *op.claim_args)
-            applied.append(True)
-        elif len(op.params) == 1:
-            applied.append(conn.execute(op.sql, op.params[0]).rowcount == 1)
-        else:
-            conn.execute("SAVEPOINT op")
-            ok = conn.executemany(op.sql, op.params).rowcount == len(op.params)
-            if not ok:
-                conn.execute("ROLLBACK TO op")
-            conn.execute("RELEASE op")
-            applied.append(ok)
-    ids = list(dict.fromkeys(op.stream_id for op in ops))
-    rows: list[sqlite3.Row] = []
-    for at in range(0, len(ids), IDS_PER_QUERY):
-        chunk = ids[at : at + IDS_PER_QUERY]
-        rows += conn.execute(
+    rows: dict[str, sqlite3.Row] = {}  # stream id -> its row after its latest change
+    for run in runs(ops):
+        kind = ops[run[0]].kind
+        if kind == "append":
+            changed = _append_run(conn, [ops[i] for i in run])
+            for i in run:
+                row = changed.get(ops[i].stream_id)
+                if row is not None:
+                    applied[i] = True
+                    rows[row["id"]] = row
+            continue
+        for i in run:
+            op = ops[i]
+            if kind == "claim":
+                claims[i] = result = claim(conn, op.stream_id, *op.claim_args)
+                applied[i] = True
+                if isinstance(result, tuple):
+                    rows[op.stream_id] = result[1]
+            else:
+                got = conn.execute(op.sql, op.params or {}).fetchall()
+                if got:
+                    applied[i] = True
+                    rows[op.stream_id] = got[0]
+    unchanged = [sid for sid in dict.fromkeys(op.stream_id for op in ops) if sid not in rows]
+    for at in range(0, len(unchanged), IDS_PER_QUERY):
+        chunk = unchanged[at : at + IDS_PER_QUERY]
+        for row in conn.execute(
             f"SELECT {COLUMNS} FROM streams WHERE id IN ({','.join('?' * len(chunk))})",
             chunk,
-        ).fetchall()
-    return Batch(applied, claims, rows, data_version, checked)
+        ).fetchall():
+            rows[row["id"]] = row
+    return Batch(applied, claims, list(rows.values()), data_version, checked)
+
+
+def _append_run(conn: sqlite3.Connection, ops: list[Op]) -> dict[str, sqlite3.Row]:
+    """The appends `ops` (one per stream), in segments of at most MAX_SEGMENT bytes: the rows
+    of the streams whose lease held, as advanced. An append lands whole or not at all (both
+    statements fence each stream alike; a statement that fails rolls the batch back)."""
+    staged: list[tuple[str, str, int, int, int, bytes | memoryview]] = []
+    for op in ops:
+        data, size = op.data, len(op.data)
+        if size <= MAX_SEGMENT:
+            staged.append((op.stream_id, op.token, 0, size, op.chunks, data))
+            continue
+        view = memoryview(data)
+        staged += [
+            (op.stream_id, op.token, at, size, 0 if at else op.chunks, view[at : at + MAX_SEGMENT])
+            for at in range(0, size, MAX_SEGMENT)
+        ]
+    conn.executemany(STAGE, staged)
+    changed = {row["id"]: row for row in conn.execute(ADVANCE_STAGED).fetchall()}
+    if changed:
+        conn.execute(APPEND_STAGED)
+    conn.execute("DELETE FROM staged")  # (rolled back with the batch if a statement failed)
+    return changed
 
 
 def claim(db: sqlite3.Connection, stream_id: str, lease_seconds: float, replace: bool) -> Claimed:
