@@ -647,8 +647,12 @@ async def test_a_batch_refuses_only_the_write_whose_lease_was_lost(
             info.offset,
             info.status_code,
         )
-    again = await store.write_many([Write(lease, None, b"more", 1) for lease in leases[6:9]])
-    assert [type(o) for o in again] == [type(None), LeaseLost, type(None)]
+    forged = Lease("/many#8", "a forged token")
+    again = await store.write_many(
+        [Write(lease, None, b"more", 1) for lease in (*leases[6:9], forged)]
+    )
+    assert [type(o) for o in again] == [type(None), LeaseLost, type(None), LeaseLost]
+    assert (await redis_view(store, "/many#8"))[1] == b"data: 8\n\nmore"
 
 
 @pytest.mark.anyio
@@ -705,7 +709,7 @@ async def test_a_batch_sent_twice_appends_once(store: RedisStore) -> None:
     args: list[Any] = [codec.ms(store.orphan_ttl)]
     for lease, data in zip(leases, (b"abc", big, b"z"), strict=True):
         keys += store._keys(lease.stream_id)
-        args += (lease.token, 0, "", b"", data, 1)
+        args += (f"0 1  {lease.token}", b"", data)
     for _ in range(2):
         replies = codec.batch_replies(await store._eval(scripts.BATCH, keys, *args))
         assert [r[0] for r in replies] == [b"ok"] * 3

@@ -271,7 +271,7 @@ class RedisStore:
                 want = self._ends.pop(lease.token, -1)  # as in `append`
                 dones.append((i, functools.partial(self._appended, lease, data, chunks)))
             keys += self._keys(lease.stream_id)
-            args += (lease.token, want, status, packed, data, chunks)
+            args += (f"{want} {chunks} {status} {lease.token}", packed, data)  # see batch.lua
             size += len(data)
         if dones:
             calls.append((dones, self._lanes.enqueue(scripts.BATCH, keys, args, WRITES)))
