@@ -2,10 +2,10 @@
 
 Each script is ``lua/prelude.lua`` followed by ``lua/<name>.lua`` (and before it the files it
 uses: ``lua/writes.lua`` holds the writes `START`, `APPEND` and `BATCH` share), read once at
-import and
-called by SHA (``EVALSHA``), sent in full (``EVAL``) only when Redis answers ``NOSCRIPT`` (it
-was restarted or flushed): redis-py's `Script` works the same way, but can't be batched into
-our pipelines. `CONSTANTS` are appended to every call's ARGV, after the script's own.
+import and called by SHA (``EVALSHA``), sent in full (``EVAL``) only when Redis answers
+``NOSCRIPT`` (it was restarted or flushed): redis-py's `Script` works the same way, but can't
+be batched into our pipelines. `CONSTANTS` are appended to every call's ARGV, after the
+script's own.
 
 Calls go through two `GroupCommit` lanes, each sent in queue order, a pipeline at a time (one
 round trip and one pooled connection for many streams' commands): producers' fenced writes,
