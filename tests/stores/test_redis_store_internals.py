@@ -24,7 +24,7 @@ pytest.importorskip("redis")
 from redis.asyncio import Redis
 
 from durable_asgi.exceptions import ConfigurationError
-from durable_asgi.stores import Lease, LeaseLost, StoreError, StreamInfo
+from durable_asgi.stores import Lease, LeaseLost, StoreError, StoreFull, StreamInfo, Write
 from durable_asgi.stores.redis import RedisStore
 
 pytestmark = pytest.mark.redis
@@ -201,10 +201,19 @@ async def test_scripts_are_loaded_at_open_and_again_in_one_pipeline_after_a_flus
             for lease in leases:
                 tg.start_soon(functools.partial(store.append, lease, b"x", chunks=1))
         assert alone == []
+        # write_many's batch calls too: more streams than one call holds, so a pipeline of two
+        more = [await claimed(store, f"/flushed#{n}") for n in range(20, 21 + _scripts.MAX_BATCH)]
+        await client.script_flush()
+        alone.clear()  # (claims one after another: each alone)
+        outcomes = await store.write_many([Write(lease, None, b"y", 1) for lease in more])
+        assert outcomes == [None] * len(more)
+        assert alone == []
         other = RedisStore(server.url)  # reads Redis, not this process's copy
         try:
             for n in range(20):
                 assert (await other.read(f"/flushed#{n}", 0, 10))[1] == b"x"
+            for lease in more:
+                assert (await other.read(lease.stream_id, 0, 10))[1] == b"y"
         finally:
             await other.close()
     finally:
@@ -580,6 +589,164 @@ async def test_retried_writes_apply_once(store: RedisStore) -> None:
     assert info.state == "failed"
 
 
+async def redis_view(store: RedisStore, sid: str) -> tuple[StreamInfo | None, bytes]:
+    """What Redis holds for `sid` (read by another instance: not this process's copy)."""
+    other = RedisStore(store._connection.url or "")
+    try:
+        return await other.read(sid, 0, 1 << 30)
+    finally:
+        await other.close()
+
+
+def batch_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The streams of each `BATCH` call the store queues from now on."""
+    from durable_asgi.stores.redis import _scripts
+
+    calls: list[int] = []
+    real = _scripts.Lanes.enqueue
+
+    def enqueue(self: _scripts.Lanes, script: _scripts.Script, keys: Any, *args: Any) -> Any:
+        if script is _scripts.BATCH:
+            calls.append(len(keys) // 3)
+        return real(self, script, keys, *args)
+
+    monkeypatch.setattr(_scripts.Lanes, "enqueue", enqueue)
+    return calls
+
+
+@pytest.mark.anyio
+async def test_a_batch_refuses_only_the_write_whose_lease_was_lost(
+    server: Server, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One `write_many` is one script call for many streams, yet each write stands alone: a
+    stream aborted by another process gets `LeaseLost` (and its local copy goes), the others
+    land byte for byte."""
+    leases = [await claimed(store, f"/many#{n}") for n in range(20)]
+    other = RedisStore(server.url)
+    assert await other.abort("/many#7", ttl=60)
+    await other.close()
+    calls = batch_calls(monkeypatch)
+    head = (200, ((b"content-type", b"text/event-stream"),))
+    writes = [Write(lease, head if n % 2 else None, b"data: %d\n\n" % n, 1)
+              for n, lease in enumerate(leases)]  # fmt: skip
+    outcomes = await store.write_many(writes)
+    assert calls == [20]
+    assert [type(o) for o in outcomes] == [type(None)] * 7 + [LeaseLost] + [type(None)] * 12
+    assert "/many#7" not in store._producing
+    for n in range(20):
+        info, data = await redis_view(store, f"/many#{n}")
+        assert info is not None
+        if n == 7:
+            assert (info.state, data) == ("aborted", b"")
+            continue
+        assert (info.state, data, info.chunks) == ("running", b"data: %d\n\n" % n, 1)
+        assert info.status_code == (200 if n % 2 else None)
+        mine = store._producing[f"/many#{n}"].info  # the local copy agrees with Redis
+        assert (mine.version, mine.offset, mine.status_code) == (
+            info.version,
+            info.offset,
+            info.status_code,
+        )
+    forged = Lease("/many#8", "a forged token")
+    again = await store.write_many(
+        [Write(lease, None, b"more", 1) for lease in (*leases[6:9], forged)]
+    )
+    assert [type(o) for o in again] == [type(None), LeaseLost, type(None), LeaseLost]
+    assert (await redis_view(store, "/many#8"))[1] == b"data: 8\n\nmore"
+
+
+@pytest.mark.anyio
+async def test_a_batch_mixes_heads_split_and_unsplit_appends_in_several_calls(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heads alone, heads with bytes, small appends and appends split at MAX_ENTRY, from more
+    streams than one call holds and more bytes than one takes: several calls (of one
+    pipeline), every stream's body byte for byte, each stream's offsets checked as with
+    `append` (a second flush continues where the first left off)."""
+    from durable_asgi.stores.redis import _scripts as scripts
+
+    leases = [await claimed(store, f"/mixed#{n}") for n in range(scripts.MAX_BATCH + 40)]
+    big = os.urandom(3 * scripts.MAX_ENTRY + 5)  # stored as 4 entries
+    bodies: dict[int, bytes] = dict.fromkeys(range(len(leases)), b"")
+
+    def write(n: int, lease: Lease, round: int) -> Write:
+        head = (200 + n % 3, ((b"x-n", b"%d" % n),)) if round == 0 and n % 4 else None
+        data = big if n % 10 == 3 else b"" if n % 4 == 1 else b"tok %d.%d " % (n, round)
+        if round == 0 and head is None and not data:
+            data = b"!"
+        bodies[n] += data
+        return Write(lease, head, data, 1 if data else 0)
+
+    calls = batch_calls(monkeypatch)
+    for round in range(2):
+        writes = [write(n, lease, round) for n, lease in enumerate(leases)]
+        assert await store.write_many(writes) == [None] * len(writes)
+    sent = sum(len(w.data) for w in writes)
+    assert sent > scripts.BATCH_BYTES  # so the byte budget cut calls too
+    assert len(calls) > 2 * 2 and sum(calls) < 2 * len(leases)  # streams with nothing: none
+    assert max(calls) <= scripts.MAX_BATCH
+    for n in range(len(leases)):
+        info, data = await redis_view(store, f"/mixed#{n}")
+        assert info is not None
+        assert data == bodies[n], n
+        assert info.offset == len(bodies[n])
+        if n % 4:
+            assert (info.status_code, info.headers) == (200 + n % 3, ((b"x-n", b"%d" % n),))
+        else:
+            assert info.status_code is None
+
+
+@pytest.mark.anyio
+async def test_a_batch_sent_twice_appends_once(store: RedisStore) -> None:
+    """redis-py resends a pipeline whose replies were lost: a `BATCH` that ran already must
+    not append its streams' bytes again (as append.lua, whose check it shares)."""
+    from durable_asgi.stores.redis import _codec as codec
+    from durable_asgi.stores.redis import _scripts as scripts
+
+    leases = [await claimed(store, f"/twice#{n}") for n in range(3)]
+    big = os.urandom(2 * scripts.MAX_ENTRY + 1)
+    keys: list[str] = []
+    args: list[Any] = [codec.ms(store.orphan_ttl)]
+    for lease, data in zip(leases, (b"abc", big, b"z"), strict=True):
+        keys += store._keys(lease.stream_id)
+        args += (f"0 1  {lease.token}", b"", data)
+    for _ in range(2):
+        replies = codec.batch_replies(await store._eval(scripts.BATCH, keys, *args))
+        assert [r[0] for r in replies] == [b"ok"] * 3
+        assert [int(r[2]) for r in replies] == [3, len(big), 1]
+    for lease, data in zip(leases, (b"abc", big, b"z"), strict=True):
+        info, got = await redis_view(store, lease.stream_id)
+        assert info is not None
+        assert (got, info.chunks) == (data, 1)
+
+
+@pytest.mark.anyio
+async def test_a_write_that_fails_in_a_batch_fails_alone(server: Server, store: RedisStore) -> None:
+    """A Redis error in one stream's write (here its body key holds a string) fails that write
+    with `StoreError`, not the others of its call; a Redis at maxmemory refuses every write
+    with `StoreFull`, and none lands."""
+    leases = [await claimed(store, f"/fails#{n}") for n in range(5)]
+    client = Redis.from_url(server.url)
+    try:
+        await client.set(store._keys("/fails#2")[1], b"not a stream")
+        outcomes = await store.write_many([Write(lease, None, b"abc", 1) for lease in leases])
+        assert [type(o) for o in outcomes] == [type(None)] * 2 + [StoreError] + [type(None)] * 2
+        assert "WRONGTYPE" in str(outcomes[2])
+        for n in (0, 1, 3, 4):
+            assert (await redis_view(store, f"/fails#{n}"))[1] == b"abc"
+        await client.config_set("maxmemory", 1)
+        try:
+            ok = [lease for n, lease in enumerate(leases) if n != 2]
+            outcomes = await store.write_many([Write(lease, None, b"def", 1) for lease in ok])
+        finally:
+            await client.config_set("maxmemory", 0)
+        assert all(isinstance(o, StoreFull) for o in outcomes), outcomes
+        for n in (0, 1, 3, 4):
+            assert (await redis_view(store, f"/fails#{n}"))[1] == b"abc"
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.anyio
 async def test_redis_restart_mid_stream_fails_readers() -> None:
     if REDIS_SERVER is None:
@@ -793,6 +960,16 @@ async def test_redis_cluster(cluster: list[Server]) -> None:
         await a.finish(lease, "complete", ttl=60, retain=True)
     nodes = {clients[0].get_node_from_key(a._keys(sid)[0]).name for sid in sids}
     assert len(nodes) > 1  # the streams really are spread over the cluster
+    # A flush of streams on several nodes: a write after another (one call's keys share a
+    # slot), each write's outcome its own.
+    leases = [await claimed(a, f"/flush#{n}") for n in range(8)]
+    assert await b.abort("/flush#3", ttl=10)
+    outcomes = await a.write_many([Write(lease, (200, ()), b"%d" % n, 1)
+                                   for n, lease in enumerate(leases)])  # fmt: skip
+    assert [type(o) for o in outcomes] == [type(None)] * 3 + [LeaseLost] + [type(None)] * 4
+    for n, lease in enumerate(leases):
+        assert (await b.read(lease.stream_id, 0, 10))[1] == (b"" if n == 3 else b"%d" % n)
+        assert await b.delete(lease.stream_id)
     results = [await b.claim("/race#1", lease_seconds=5) for _ in range(3)]
     assert sum(isinstance(r, Lease) for r in results) == 1
     assert sorted([i.id async for i in a.scan()]) == sorted([*sids, "/race#1"])

@@ -10,7 +10,16 @@ from typing import Any
 
 from .._base import MAX_RAW_ID, Headers, StreamInfo, effective
 
-__all__ = ["DATA", "glob_escape", "key_names", "ms", "pack_headers", "snapshot", "tag"]
+__all__ = [
+    "DATA",
+    "batch_replies",
+    "glob_escape",
+    "key_names",
+    "ms",
+    "pack_headers",
+    "snapshot",
+    "tag",
+]
 
 #: Longest ttl we store (Redis and Lua doubles are happy with it).
 MAX_TTL = 10 * 365 * 86400.0
@@ -55,6 +64,17 @@ def pack_headers(headers: Headers) -> bytes:
     for name, value in headers:
         out += len(name).to_bytes(4, "big") + name + len(value).to_bytes(4, "big") + value
     return bytes(out)
+
+
+def batch_replies(raw: bytes) -> list[list[bytes]]:
+    """``batch.lua``'s reply (a line per write) as the replies its writes' own scripts give:
+    ``[b"ok", version, size]`` (numbers as digits, which `int` reads), ``[b"lost", why]``,
+    ``[b"err", message]``."""
+    replies = []
+    for line in raw.split(b"\n"):
+        kind, _, rest = line.partition(b" ")
+        replies.append([kind, *rest.split(b" ")] if kind == b"ok" else [kind, rest])
+    return replies
 
 
 def unpack_headers(raw: bytes) -> Headers:

@@ -1,9 +1,11 @@
 """The Lua scripts behind every store operation, and the two lanes that send them.
 
-Each script is ``lua/prelude.lua`` followed by ``lua/<name>.lua``, read once at import and
-called by SHA (``EVALSHA``), sent in full (``EVAL``) only when Redis answers ``NOSCRIPT`` (it
-was restarted or flushed): redis-py's `Script` works the same way, but can't be batched into
-our pipelines. `CONSTANTS` are appended to every call's ARGV, after the script's own.
+Each script is ``lua/prelude.lua`` followed by ``lua/<name>.lua`` (and before it the files it
+uses: ``lua/writes.lua`` holds the writes `START`, `APPEND` and `BATCH` share), read once at
+import and called by SHA (``EVALSHA``), sent in full (``EVAL``) only when Redis answers
+``NOSCRIPT`` (it was restarted or flushed): redis-py's `Script` works the same way, but can't
+be batched into our pipelines. `CONSTANTS` are appended to every call's ARGV, after the
+script's own.
 
 Calls go through two `GroupCommit` lanes, each sent in queue order, a pipeline at a time (one
 round trip and one pooled connection for many streams' commands): producers' fenced writes,
@@ -28,8 +30,10 @@ from .._batch import GroupCommit
 from ._connection import Client, Connection
 
 __all__ = [
+    "BATCH_BYTES",
     "CONSTANTS",
     "LEASES",
+    "MAX_BATCH",
     "MAX_ENTRY",
     "MAX_PIPELINE",
     "OTHERS",
@@ -49,6 +53,10 @@ EV_MARGIN_MS = 60_000
 CONSTANTS = (b"%d" % EV_MARGIN_MS, b"%d" % MAX_ENTRY)
 #: Most scripts sent in one pipeline.
 MAX_PIPELINE = 256
+#: Most streams in one `BATCH` call, and the body bytes after which a call takes no more: a
+#: call runs in Redis as one script, which nothing else interleaves with, so a few hundred
+#: streams or a few big appends make several calls (of one pipeline).
+MAX_BATCH, BATCH_BYTES = 64, 1 << 20
 #: The lanes: producers' fenced writes, lease renewals, and every other script. Renewals have a
 #: lane of their own so that a busy worker's renewals never queue behind its writes' pipeline
 #: (a lease that runs out while its renewal waits is lost, and so is the stream).
@@ -69,14 +77,14 @@ class Script:
     sha: str
 
     @classmethod
-    def load(cls, name: str) -> Script:
-        """``lua/<name>.lua`` after the prelude."""
-        source = _PRELUDE + (_LUA / f"{name}.lua").read_text(encoding="utf-8")
+    def load(cls, name: str, *uses: str) -> Script:
+        """``lua/<name>.lua`` after the prelude and the files it `uses` (``lua/<use>.lua``)."""
+        files = (*uses, name)
+        source = _PRELUDE + "".join((_LUA / f"{f}.lua").read_text(encoding="utf-8") for f in files)
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
 
-    def error(self, exc: ResponseError) -> StoreError:
-        """What an error reply of this script raises."""
-        message = str(exc)
+    def error(self, message: str) -> StoreError:
+        """What an error of this script raises (`message`: Redis's error reply)."""
         if message.startswith("OOM"):
             return StoreFull(f"Redis is full (maxmemory): {message}")
         return StoreError(f"Redis {self.name} failed: {message}")
@@ -90,14 +98,15 @@ class Script:
             except NoScriptError:
                 return await client.eval(self.source, len(keys), *keys, *argv)
         except ResponseError as exc:
-            raise self.error(exc) from exc
+            raise self.error(str(exc)) from exc
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis {self.name} failed: {exc!r}") from exc
 
 
 CLAIM = Script.load("claim")
-START = Script.load("start")
-APPEND = Script.load("append")
+START = Script.load("start", "writes")
+APPEND = Script.load("append", "writes")
+BATCH = Script.load("batch", "writes")
 CHECK = Script.load("check")
 RENEW = Script.load("renew")
 FINISH = Script.load("finish")
@@ -108,7 +117,21 @@ DELETE = Script.load("delete")
 ATTACH = Script.load("attach")
 PURGE = Script.load("purge")
 #: Every script, loaded into Redis when the store opens.
-SCRIPTS = (CLAIM, START, APPEND, CHECK, RENEW, FINISH, INFO, READ, ABORT, DELETE, ATTACH, PURGE)
+SCRIPTS = (
+    CLAIM,
+    START,
+    APPEND,
+    BATCH,
+    CHECK,
+    RENEW,
+    FINISH,
+    INFO,
+    READ,
+    ABORT,
+    DELETE,
+    ATTACH,
+    PURGE,
+)
 
 
 async def load_scripts(client: Client) -> None:
@@ -186,7 +209,7 @@ class Lanes:
         results: list[Any] = []
         for (script, _, _), reply in zip(calls, replies, strict=True):
             if isinstance(reply, ResponseError):
-                reply = script.error(reply)
+                reply = script.error(str(reply))
             results.append(reply)
         return results
 

@@ -33,10 +33,10 @@ from .._base import (
     write_each,
 )
 from . import _scripts as scripts
-from ._codec import DATA, glob_escape, key_names, ms, pack_headers, snapshot
+from ._codec import DATA, batch_replies, glob_escape, key_names, ms, pack_headers, snapshot
 from ._connection import Connection
 from ._follower import Follower
-from ._scripts import LEASES, OTHERS, WRITES, Lanes, Script
+from ._scripts import BATCH_BYTES, LEASES, MAX_BATCH, OTHERS, WRITES, Lanes, Script
 
 __all__ = ["LOCAL_BYTES", "MAX_READ", "RedisStore"]
 
@@ -45,6 +45,9 @@ __all__ = ["LOCAL_BYTES", "MAX_READ", "RedisStore"]
 MAX_READ = 4 << 20
 #: Newest body bytes of each stream this process produces kept in memory for local readers.
 LOCAL_BYTES = 64 << 10
+
+#: What `write_many` does with a write's reply (records it in the local copy).
+Done = Callable[[list[Any]], None]
 
 
 class RedisStore:
@@ -190,11 +193,14 @@ class RedisStore:
         return self._keys(lease.stream_id), (lease.token, want, ms(self.orphan_ttl), *args)
 
     def _held(self, lease: Lease, reply: Any) -> list[Any]:
-        """A fenced write's reply, ``[b"ok", version, ...]``; `LeaseLost` if it was refused."""
+        """A fenced write's reply, ``[b"ok", version, ...]``; `LeaseLost` if it was refused,
+        what Redis's error raises if it failed in a `BATCH` (``[b"err", message]``)."""
         if reply[0] == b"lost":
             self._released(lease)
             self._notifier.notify(lease.stream_id)  # local readers: re-read, see why
             raise LeaseLost(f"lease on {lease.stream_id!r} was lost: {reply[1].decode()}")
+        if reply[0] == b"err":
+            raise scripts.BATCH.error(reply[1].decode(errors="replace"))
         return list(reply)
 
     async def _write(
@@ -237,33 +243,54 @@ class RedisStore:
         self._changed(lease.stream_id, version, lease.token)
 
     async def write_many(self, writes: Sequence[Write]) -> list[BaseException | None]:
-        """`write_all` for Redis: every write's fenced scripts in one pipeline (on a cluster,
-        where a pipeline can't span slots, one after another)."""
+        """`write_all` for Redis: every write's start and append in `BATCH` calls of up to
+        `MAX_BATCH` streams each, sent as one pipeline — a flush of many streams costs redis-py
+        a few commands to encode and parse, not one per stream (on a cluster, where the keys of
+        one call must share a slot, one write after another)."""
         if not self._lanes.batched:
             return await write_each(self, writes)
-        queued: list[tuple[int, Callable[[list[Any]], None], asyncio.Future[Any]]] = []
-        done: Callable[[list[Any]], None]
-        for i, write in enumerate(writes):
-            lease = write.lease
-            if write.head is not None:
-                status, headers = write.head
-                keys, args = self._fenced(lease, (status, pack_headers(headers)), -1)
-                done = functools.partial(self._started, lease, status, headers)
-                queued.append((i, done, self._lanes.enqueue(scripts.START, keys, args, WRITES)))
-            if write.data:
+        # Per call: for each reply it will hold, the write's index and what to do with it.
+        calls: list[tuple[list[tuple[int, Done]], asyncio.Future[Any]]] = []
+        dones: list[tuple[int, Done]] = []
+        keys: list[str] = []
+        args: list[bytes | str | int] = [ms(self.orphan_ttl)]
+        size = 0
+        for i, (lease, head, data, chunks) in enumerate(writes):
+            if head is None and not data:
+                continue
+            if dones and (len(keys) == 3 * MAX_BATCH or size + len(data) > BATCH_BYTES):
+                calls.append((dones, self._lanes.enqueue(scripts.BATCH, keys, args, WRITES)))
+                dones, keys, args, size = [], [], [ms(self.orphan_ttl)], 0
+            status: int | str = ""
+            packed, want = b"", -1
+            if head is not None:
+                status, headers = head
+                packed = pack_headers(headers)
+                dones.append((i, functools.partial(self._started, lease, status, headers)))
+            if data:
                 want = self._ends.pop(lease.token, -1)  # as in `append`
-                keys, args = self._fenced(lease, (write.data, write.chunks), want)
-                done = functools.partial(self._appended, lease, write.data, write.chunks)
-                queued.append((i, done, self._lanes.enqueue(scripts.APPEND, keys, args, WRITES)))
-        if queued:
-            await asyncio.wait([future for _, _, future in queued])
+                dones.append((i, functools.partial(self._appended, lease, data, chunks)))
+            keys += self._keys(lease.stream_id)
+            args += (f"{want} {chunks} {status} {lease.token}", packed, data)  # see batch.lua
+            size += len(data)
+        if dones:
+            calls.append((dones, self._lanes.enqueue(scripts.BATCH, keys, args, WRITES)))
+        if calls:
+            await asyncio.wait([future for _, future in calls])
         outcomes: list[BaseException | None] = [None] * len(writes)
-        for i, done, future in queued:
-            if outcomes[i] is None:
-                try:
-                    done(self._held(writes[i].lease, future.result()))
-                except Exception as exc:
+        for dones, future in calls:
+            try:
+                replies = batch_replies(future.result())
+            except Exception as exc:  # the call failed as a whole: so did each of its writes
+                for i, _ in dones:
                     outcomes[i] = exc
+                continue
+            for (i, done), reply in zip(dones, replies, strict=True):
+                if outcomes[i] is None:  # after a failed start, its append isn't recorded
+                    try:
+                        done(self._held(writes[i].lease, reply))
+                    except Exception as exc:
+                        outcomes[i] = exc
         return outcomes
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:

@@ -2,6 +2,9 @@
 -- milliseconds.
 if redis.replicate_commands then redis.replicate_commands() end
 local meta, body, ev = KEYS[1], KEYS[2], KEYS[3]
+-- The functions below work on the stream whose keys are at KEYS[k..k+2]: batch.lua moves them
+-- from stream to stream, every other script has one.
+local function on(k) meta, body, ev = KEYS[k], KEYS[k + 1], KEYS[k + 2] end
 -- The store appends these to every script's own ARGV (scripts.py, CONSTANTS), so they
 -- live in one place and the script text stays the same whatever they are.
 local EV_MARGIN, PIECE = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
@@ -52,20 +55,20 @@ local function settle(m, state, keep, retain)
   return v
 end
 
--- Fenced writes: ARGV[1] = lease token, ARGV[2] = expected body offset (-1: unknown),
--- ARGV[3] = orphan ttl (ms). Returns the stream's fields, or nil and why the lease is lost.
-local function owned(check_offset, m)
+-- Fenced writes: the lease `token`, the body offset it expects (`want`; -1: unknown, or not
+-- checked) and the orphan ttl (ms); a fenced script gets them as ARGV[1..3]. Returns the stream's
+-- fields (`m`: already loaded, false if absent), or nil and why the lease is lost.
+local function owned(token, want, orphan, m)
   if m == nil then m = load() end
-  if not m or m.gen ~= ARGV[1] or m.state ~= 'running' then
+  if not m or m.gen ~= token or m.state ~= 'running' then
     return nil, 'the stream was aborted, deleted or taken over'
   end
   if tonumber(m.lease) < now then
-    settle(m, 'failed', tonumber(ARGV[3]), '1')
+    settle(m, 'failed', orphan, '1')
     return nil, 'the lease ran out before it was renewed'
   end
-  local want = tonumber(ARGV[2])
-  if check_offset and want >= 0 and tonumber(m.off) ~= want then
-    settle(m, 'failed', tonumber(ARGV[3]), '1')
+  if want >= 0 and tonumber(m.off) ~= want then
+    settle(m, 'failed', orphan, '1')
     return nil, 'the stored body is not where this producer left it (Redis lost writes?)'
   end
   return m
