@@ -175,6 +175,45 @@ async def test_a_renewal_does_not_queue_behind_a_pipeline_of_writes(store: Redis
 
 
 @pytest.mark.anyio
+async def test_a_call_on_an_idle_lane_goes_at_once_and_a_burst_shares_pipelines(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim finding its lane idle is sent from its own task (no flusher, no pipeline);
+    the claims that come while it is in flight go out together, in pipelines."""
+    from redis.asyncio.client import Pipeline
+
+    from durable_asgi.stores._batch import GroupCommit
+
+    await store.open()
+    pipelines: list[int] = []
+    flushes: list[int] = []
+    execute, run = Pipeline.execute, GroupCommit._run
+
+    async def counted(self: Pipeline, raise_on_error: bool = True) -> Any:
+        pipelines.append(len(self.command_stack))
+        return await execute(self, raise_on_error)
+
+    async def flusher(self: GroupCommit[Any, Any]) -> None:
+        flushes.append(len(self))
+        await run(self)
+
+    monkeypatch.setattr(Pipeline, "execute", counted)
+    monkeypatch.setattr(GroupCommit, "_run", flusher)
+    assert isinstance(await store.claim("/alone#1", lease_seconds=5), Lease)
+    assert (flushes, pipelines) == ([], [])  # neither the lane's flusher nor a pipeline
+    results: list[Lease | StreamInfo] = []
+
+    async def one(i: int) -> None:
+        results.append(await store.claim(f"/burst#{i}", lease_seconds=5))
+
+    async with anyio.create_task_group() as tasks:
+        for i in range(50):
+            tasks.start_soon(one, i)
+    assert len([r for r in results if isinstance(r, Lease)]) == 50
+    assert sum(pipelines) >= 40 and len(pipelines) <= 5  # a few pipelines, not 50 round trips
+
+
+@pytest.mark.anyio
 async def test_scripts_are_loaded_at_open_and_again_in_one_pipeline_after_a_flush(
     server: Server, store: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -77,6 +77,11 @@ class GroupCommit(Generic[Item, Result]):
         """Items queued and not yet taken into a batch."""
         return len(self._queue)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch in flight."""
+        return self._flusher is None and not self._queue
+
     async def submit(self, item: Item, *, shield: bool = False) -> Result:
         """Queue `item`, wait for its batch, return its result (or raise its error).
 

@@ -26,7 +26,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ...exceptions import StoreError, StoreFull
-from .._batch import GroupCommit
+from .._batch import GroupCommit, Waiter
 from ._connection import Client, Connection
 
 __all__ = [
@@ -149,10 +149,11 @@ class Lanes:
     """Runs scripts through the lanes (`WRITES`, `LEASES`, `OTHERS`), each batched into
     pipelines of its own."""
 
-    __slots__ = ("_connection", "_lanes")
+    __slots__ = ("_alone", "_connection", "_lanes")
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
+        self._alone = False  # an `OTHERS` call is running outside the lane (see `run`)
         self._lanes = tuple(
             GroupCommit[Call, Any](self._flush, max_batch=MAX_PIPELINE)
             for _ in (WRITES, LEASES, OTHERS)
@@ -161,11 +162,23 @@ class Lanes:
     async def run(
         self, script: Script, keys: Sequence[str], args: Sequence[Any], lane: int = OTHERS
     ) -> Any:
-        """Run `script` on `keys` with `args`, in `lane`'s order; its reply."""
+        """Run `script` on `keys` with `args`, in `lane`'s order; its reply.
+
+        An `OTHERS` call (a claim, a read: each caller's own, ordered only by its awaits) that
+        finds that lane idle runs at once in the caller's task, without the flusher task and
+        the future between them (two turns of a busy loop on a new stream's first byte); the
+        calls that come while it runs queue up as one pipeline."""
         client = self._connection.commands()
         if isinstance(client, RedisCluster):  # keys of one call share a slot, a batch doesn't
             return await script.run(client, keys, args)
-        return await self._lanes[lane].submit((script, keys, args))
+        queue = self._lanes[lane]
+        if lane == OTHERS and not self._alone and queue.idle:
+            self._alone = True
+            try:
+                return await script.run(client, keys, args)
+            finally:
+                self._alone = False
+        return await queue.submit((script, keys, args))
 
     @property
     def batched(self) -> bool:
@@ -173,11 +186,16 @@ class Lanes:
         return not isinstance(self._connection.commands(), RedisCluster)
 
     def enqueue(
-        self, script: Script, keys: Sequence[str], args: Sequence[Any], lane: int = OTHERS
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        lane: int = OTHERS,
+        waiter: Waiter | None = None,
     ) -> asyncio.Future[Any]:
         """Queue `script` in `lane` and return the future of its reply, so that many calls
-        go in one pipeline (only where `batched`)."""
-        return self._lanes[lane].enqueue((script, keys, args))
+        go in one pipeline (only where `batched`); `waiter` wakes once they are answered."""
+        return self._lanes[lane].enqueue((script, keys, args), waiter)
 
     async def drain(self) -> None:
         """Wait until the scripts queued so far are sent and answered."""

@@ -32,6 +32,7 @@ from .._base import (
     wait_own,
     write_each,
 )
+from .._batch import Waiter
 from . import _scripts as scripts
 from ._codec import DATA, batch_replies, glob_escape, key_names, ms, pack_headers, snapshot
 from ._connection import Connection
@@ -251,6 +252,7 @@ class RedisStore:
             return await write_each(self, writes)
         # Per call: for each reply it will hold, the write's index and what to do with it.
         calls: list[tuple[list[tuple[int, Done]], asyncio.Future[Any]]] = []
+        lanes, waiter = self._lanes, Waiter()
         dones: list[tuple[int, Done]] = []
         keys: list[str] = []
         args: list[bytes | str | int] = [ms(self.orphan_ttl)]
@@ -259,7 +261,7 @@ class RedisStore:
             if head is None and not data:
                 continue
             if dones and (len(keys) == 3 * MAX_BATCH or size + len(data) > BATCH_BYTES):
-                calls.append((dones, self._lanes.enqueue(scripts.BATCH, keys, args, WRITES)))
+                calls.append((dones, lanes.enqueue(scripts.BATCH, keys, args, WRITES, waiter)))
                 dones, keys, args, size = [], [], [ms(self.orphan_ttl)], 0
             status: int | str = ""
             packed, want = b"", -1
@@ -274,9 +276,9 @@ class RedisStore:
             args += (f"{want} {chunks} {status} {lease.token}", packed, data)  # see batch.lua
             size += len(data)
         if dones:
-            calls.append((dones, self._lanes.enqueue(scripts.BATCH, keys, args, WRITES)))
+            calls.append((dones, lanes.enqueue(scripts.BATCH, keys, args, WRITES, waiter)))
         if calls:
-            await asyncio.wait([future for _, future in calls])
+            await waiter.wait()
         outcomes: list[BaseException | None] = [None] * len(writes)
         for dones, future in calls:
             try:
