@@ -296,17 +296,19 @@ class DurableStreams:
                         await self.proxy.middleware.store.delete(sid)
 
     async def _claim(self, sid: str, claimed: list[Lease | BaseException]) -> None:
-        """Claim the fresh stream `sid`: its lease, or what the store raised, in `claimed`."""
+        """Claim the fresh stream `sid`: its lease, or what the store raised, in `claimed`.
+        Shielded: a request cancelled meanwhile still learns of the lease, and deletes it."""
         mw = self.proxy.middleware
-        try:
-            await mw.engine.ensure_open()
-            lease = await mw.engine.telemetry.timed(
-                "claim", lambda: mw.store.claim(sid, lease_seconds=mw.options.lease_seconds)
-            )
-            assert isinstance(lease, Lease), "a fresh UUID is always claimable"
-            claimed.append(lease)
-        except Exception as exc:
-            claimed.append(exc)
+        with anyio.CancelScope(shield=True):
+            try:
+                await mw.engine.ensure_open()
+                lease = await mw.engine.telemetry.timed(
+                    "claim", lambda: mw.store.claim(sid, lease_seconds=mw.options.lease_seconds)
+                )
+                assert isinstance(lease, Lease), "a fresh UUID is always claimable"
+                claimed.append(lease)
+            except Exception as exc:
+                claimed.append(exc)
 
     async def _fresh(self, lease: Lease, claimed_at: float) -> Lease | BaseException:
         """`lease`, renewed if the upstream's head took a third of it or more (the producer's
