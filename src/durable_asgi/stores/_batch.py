@@ -45,6 +45,9 @@ class Waiter:
             self._future = asyncio.get_running_loop().create_future()
             await self._future
 
+    def _queued(self) -> None:
+        self._pending += 1
+
     def _answered(self) -> None:
         self._pending -= 1
         if not self._pending and self._future is not None and not self._future.done():
@@ -103,7 +106,7 @@ class GroupCommit(Generic[Item, Result]):
         with a `Waiter`, which the answer to each wakes."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         if waiter is not None:
-            waiter._pending += 1
+            waiter._queued()
         self._queue.append((item, future, waiter))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._run())
