@@ -2,8 +2,9 @@
 -- hundred streams is a few calls, where a script per stream cost redis-py's encoding and
 -- parsing of a command per stream. KEYS: each stream's meta, body, ev. ARGV: orphan, then per
 -- stream "<expected offset> <chunks> <status> <token>" (status '': no head; the token last,
--- whatever it holds), headers, data ('': no append). Returns one line per write, in order (a stream's start, then its append),
--- each what start.lua or append.lua returns joined by spaces ("ok 7 120", "lost <why>"), or
+-- whatever it holds), headers, data ('': no append). Returns one line per write, in order (a
+-- stream's start, then its append), each what start.lua or append.lua returns joined by spaces
+-- ("ok 7 120", "lost <why>"), or
 -- "err <message>" for a write that raised (OOM...): each stream's writes stand alone, as they
 -- did as scripts of their own. (The small fields in one argument, and one string for a reply:
 -- redis-py encodes each argument and parses each element of a reply in Python, and per stream
