@@ -36,11 +36,15 @@ in a 50 ms one: at 300 token-paced streams on one worker, memory's CPU per event
 1.59 to 1.28 times the bare app's (`bench/run.py`)."""
 
 MIN_WINDOW = 0.005
-PER_STREAM = 0.0001
+PER_STREAM = 0.0007
 """The window grows with the load: `MIN_WINDOW` plus `PER_STREAM` for each stream the last
-flush wrote, up to the longest. A few streams are stored within 5 ms, so their joiners and
-resumers follow closely; hundreds share one write per 30-50 ms, so each carries several of
-their chunks where the CPU is the limit."""
+flush wrote, up to the longest. A few streams are stored within a few milliseconds, so their
+joiners and resumers follow closely; from about 30 streams on, a window spans two or more
+token events (26 ms at 30, the longest from 65), so each write — and each wake-up of a reader
+fed from the store — carries several of every stream's chunks where the CPU is the limit. At
+0.1 ms per stream a window carried one event of a 10 ms token stream up to 50 streams: mode 2
+of the proxy at 30 sessions (every reader fed from the store) cost 10-17 % more CPU per event
+(`bench/proxy.py --mode 2 --sessions 30`, docs/proxy.md)."""
 
 
 class Engine:

@@ -78,7 +78,7 @@ class DurableMiddleware:
             ``<script type="module">`` works with no build step. None turns it off.
         flush_window: the longest the worker waits between two stores of every stream's
             pending chunks (seconds). Idle, a chunk is stored at once; busy, the window is
-            5 ms plus 0.1 ms per stream written, up to this. Longer: fewer, bigger store writes
+            5 ms plus 0.7 ms per stream written, up to this. Longer: fewer, bigger store writes
             (less CPU per chunk) under load; shorter: joiners, resumers and other workers see
             live chunks sooner. The first client is fed inline either way
             (`docs/protocol.md`). asyncio only (on trio each stream stores as it goes).
