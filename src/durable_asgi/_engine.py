@@ -42,9 +42,10 @@ flush wrote, up to the longest. A few streams are stored within a few millisecon
 joiners and resumers follow closely; from about 30 streams on, a window spans two or more
 token events (26 ms at 30, the longest from 65), so each write — and each wake-up of a reader
 fed from the store — carries several of every stream's chunks where the CPU is the limit. At
-0.1 ms per stream a window carried one event of a 10 ms token stream up to 50 streams: mode 2
-of the proxy at 30 sessions (every reader fed from the store) cost 10-17 % more CPU per event
-(`bench/proxy.py --mode 2 --sessions 30`, docs/proxy.md)."""
+0.1 ms per stream a window carried one event of a 10 ms token stream up to 50 streams; at
+0.7 ms, mode 2 of the proxy at 30 sessions (every reader fed from the store) cost 17-25 % less
+CPU per event on memory, up to 10 % less on SQLite and Redis (`bench/proxy.py --mode 2
+--sessions 30`, docs/proxy.md)."""
 
 
 class Engine:
