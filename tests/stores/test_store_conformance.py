@@ -656,6 +656,19 @@ async def test_a_dead_producers_lease_expires_and_the_stream_is_taken_over(
     assert await read_all(store, sid) == b"a whole answer"
 
 
+async def test_a_lease_that_ran_out_is_lost_even_before_a_takeover(store: Store, ids: Ids) -> None:
+    sid = ids()
+    late = await claim(store, sid, lease_seconds=SHORT)
+    await store.start(late, 200, HEAD)
+    await store.append(late, b"half", chunks=1)
+    await anyio.sleep(EXPIRED)  # the producer is alive but didn't renew in time
+    # Its readers were told the stream failed: the producer can't go on writing behind that.
+    await lease_is_lost(store, late)
+    info = await info_of(store, sid)
+    assert (info.state, info.offset, info.chunks) == ("failed", 4, 1)
+    assert await read_all(store, sid) == b"half"
+
+
 async def test_a_forged_or_misdirected_lease_is_refused(store: Store, ids: Ids) -> None:
     sid, other = ids(), ids()
     lease = await claim(store, sid)

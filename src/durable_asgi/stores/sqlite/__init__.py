@@ -10,13 +10,13 @@ Design, in brief (each module says more):
 - `_connection`: two `sqlite3` connections, each on a thread of its own: a writer, used by
   one transaction at a time, and a reader, so reads never wait behind writes (WAL mode).
 - `_writes`: every producer write is fenced in SQL (``WHERE generation = :token AND state =
-  'running'``), so a lost lease can never write. Producer writes and `attach` are committed
-  by a batch writer (`GroupCommit`): everything queued, from every stream, in one transaction
-  and one thread hop; writes of one stream commit in order, none is acknowledged before its
-  commit. A batch is applied run by run, set-based: all of a run's appends by one staged
-  ``executemany``, one UPDATE (answering the rows) and one INSERT. Claims (``BEGIN
-  IMMEDIATE``: atomic across processes) join the batch; aborts, deletes and purges take the
-  same writer connection, in their own transactions.
+  'running'`` and the lease not run out), so a lost lease can never write. Producer writes
+  and `attach` are committed by a batch writer (`GroupCommit`): everything queued, from every
+  stream, in one transaction and one thread hop; writes of one stream commit in order, none
+  is acknowledged before its commit. A batch is applied run by run, set-based: all of a run's
+  appends by one staged ``executemany``, one UPDATE (answering the rows) and one INSERT.
+  Claims (``BEGIN IMMEDIATE``: atomic across processes) join the batch; aborts, deletes and
+  purges take the same writer connection, in their own transactions.
 - `_local`: streams this process produces are also kept in memory, from the claim on, so
   their readers here need no query, and a claim joining one needs no transaction while the
   copy is known to match the file (``PRAGMA data_version``).

@@ -68,8 +68,15 @@ INFO_COLUMNS = (
 COLUMNS = ", ".join(INFO_COLUMNS)
 #: Not expired (as of ``:now``).
 LIVE = "(expires_at IS NULL OR expires_at > :now)"
-#: The stream ``:id`` while ``:token`` is its current lease: the fence of every producer write.
-OWNED = "id = :id AND generation = :token AND state = 'running'"
+#: Now, on SQLite's clock, in seconds since the epoch (``time.time()``'s scale).
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+#: The stream ``:id`` while ``:token`` is its current lease and hasn't run out: the fence of
+#: every producer write. A lease that ran out is lost for good, even before another producer
+#: takes the stream over: its readers were already told the stream `failed` (`effective`).
+OWNED = (
+    "id = :id AND generation = :token AND state = 'running' "
+    f"AND (lease_expires_at IS NULL OR lease_expires_at >= {NOW})"
+)
 
 SELECT_STREAM = f"SELECT {COLUMNS} FROM streams WHERE id = :id"
 SELECT_LIVE_STREAM = f"{SELECT_STREAM} AND {LIVE}"
@@ -88,13 +95,16 @@ CREATE_STAGED = """CREATE TEMP TABLE IF NOT EXISTS staged (
 )"""
 STAGE = "INSERT INTO staged (id, token, rel, size, chunks, data) VALUES (?, ?, ?, ?, ?, ?)"
 #: `OWNED` for each staged row `s` and its stream `t`.
-STAGED_OWNED = "t.id = s.id AND t.generation = s.token AND t.state = 'running'"
+STAGED_OWNED = (
+    "t.id = s.id AND t.generation = s.token AND t.state = 'running' "
+    f"AND (t.lease_expires_at IS NULL OR t.lease_expires_at >= {NOW})"
+)
 # Advances each stream whose lease holds by its staged append, and answers its row: what the
 # batch tells `Known`, so no re-read. First, so `APPEND_STAGED` sees the streams advanced:
 # each segment starts at the stream's new size less its append, plus its offset in it.
 ADVANCE_STAGED = (
     "UPDATE streams AS t SET size = t.size + s.size, chunks = t.chunks + s.chunks, "
-    "version = t.version + 1, updated_at = (julianday('now') - 2440587.5) * 86400.0 "
+    f"version = t.version + 1, updated_at = {NOW} "
     f"FROM staged AS s WHERE s.rel = 0 AND {STAGED_OWNED} RETURNING {COLUMNS}"
 )
 # The segments of the streams just advanced (the same fence: all of an append's or none).

@@ -39,6 +39,7 @@ from ._schema import (
     ATTACH,
     COLUMNS,
     LIVE,
+    NOW,
     OWNED,
     READ,
     SELECT_LIVE_STREAM,
@@ -194,7 +195,7 @@ class SQLiteStore:
         # (SQLite's clock, in seconds since the epoch), not from when the renewal was queued.
         await self._update_owned(
             lease,
-            "lease_expires_at = (julianday('now') - 2440587.5) * 86400.0 + :seconds",
+            f"lease_expires_at = {NOW} + :seconds",
             "renew",
             seconds=lease_seconds,
         )
