@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -883,6 +884,46 @@ async def test_close_stops_tails(server: Server, store: RedisStore) -> None:
     assert not s._follower.tails
     await s.delete(lease.stream_id)  # reopens lazily
     await s.close()
+
+
+@pytest.mark.anyio
+async def test_close_lets_a_call_running_outside_its_lane_finish(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that found its lane idle runs in its caller's task, not the lane's: `close`
+    waits for it too before it closes the connection."""
+    from durable_asgi.stores.redis._scripts import Script
+
+    s = RedisStore(server.url, block_seconds=0.5)
+    await s.open()
+    sent, release, closed = anyio.Event(), anyio.Event(), anyio.Event()
+    run = Script.run
+
+    async def held(self: Script, *args: Any) -> Any:
+        sent.set()
+        await release.wait()  # the reply is on its way
+        return await run(self, *args)
+
+    monkeypatch.setattr(Script, "run", held)
+    results: list[Lease | StreamInfo] = []
+
+    async def claim() -> None:
+        results.append(await s.claim(f"/closing#{uuid.uuid4().hex}", lease_seconds=5))
+
+    async def close() -> None:
+        await s.close()
+        closed.set()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(claim)
+        await sent.wait()
+        assert s._lanes._alone
+        tasks.start_soon(close)
+        await anyio.wait_all_tasks_blocked()
+        assert not closed.is_set()  # waiting for the claim
+        release.set()
+    assert closed.is_set()
+    assert len(results) == 1 and isinstance(results[0], Lease)
 
 
 @pytest.mark.anyio

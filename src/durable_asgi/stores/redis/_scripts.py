@@ -149,11 +149,12 @@ class Lanes:
     """Runs scripts through the lanes (`WRITES`, `LEASES`, `OTHERS`), each batched into
     pipelines of its own."""
 
-    __slots__ = ("_alone", "_connection", "_lanes")
+    __slots__ = ("_alone", "_alone_done", "_connection", "_lanes")
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
         self._alone = False  # an `OTHERS` call is running outside the lane (see `run`)
+        self._alone_done: asyncio.Future[None] | None = None  # for `drain` to wait on it
         self._lanes = tuple(
             GroupCommit[Call, Any](self._flush, max_batch=MAX_PIPELINE)
             for _ in (WRITES, LEASES, OTHERS)
@@ -178,6 +179,9 @@ class Lanes:
                 return await script.run(client, keys, args)
             finally:
                 self._alone = False
+                done, self._alone_done = self._alone_done, None
+                if done is not None and not done.done():
+                    done.set_result(None)
         return await queue.submit((script, keys, args))
 
     @property
@@ -198,9 +202,16 @@ class Lanes:
         return self._lanes[lane].enqueue((script, keys, args), waiter)
 
     async def drain(self) -> None:
-        """Wait until the scripts queued so far are sent and answered."""
-        for lane in self._lanes:
-            await lane.drain()
+        """Wait until the scripts queued so far are sent and answered, and the call running
+        outside its lane, if any (the store is closing: its connection must outlive them)."""
+        while True:
+            for lane in self._lanes:
+                await lane.drain()
+            if not self._alone:
+                return
+            if self._alone_done is None:
+                self._alone_done = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._alone_done)  # then what queued behind it
 
     async def _flush(self, calls: Sequence[Call]) -> list[Any]:
         client = self._connection.commands()
