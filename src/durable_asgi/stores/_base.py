@@ -497,9 +497,16 @@ class LocalCopy:
         """Up to `limit` bytes from `offset`, or None when `offset` isn't held here."""
         if not self.base <= offset <= self.info.offset:
             return None
-        parts, at, end = [], self.base, offset + max(limit, 0)
-        for part in self.parts:
-            if at + len(part) > offset and at < end:
-                parts.append(part[max(offset - at, 0) : end - at])
+        # Readers read at or near the tail: find the part holding `offset` from the end, so a
+        # read costs what it returns, not every part held (hundreds of small appends).
+        held, i, at = self.parts, len(self.parts), self.base + self.size
+        while i and at > offset:
+            i -= 1
+            at -= len(held[i])
+        parts, end = [], offset + max(limit, 0)
+        while i < len(held) and at < end:
+            part = held[i]
+            parts.append(part[max(offset - at, 0) : end - at])
             at += len(part)
+            i += 1
         return join(parts) if parts else b""
