@@ -260,6 +260,72 @@ async def test_sqlite_one_streams_writes_in_one_batch_apply_in_order(
         await other.close()
 
 
+async def test_sqlite_a_run_of_appends_is_a_few_statements_however_many_streams(
+    tmp_path: Path,
+) -> None:
+    """300 streams' appends in one batch: a handful of statements (each a step of sqlite3,
+    around which the GIL is handed over), not one per stream; every stream lands."""
+    store = SQLiteStore(tmp_path / "durable.db")
+    try:
+        leases = []
+        for n in range(300):
+            lease = await store.claim(f"/many#{n}", lease_seconds=LONG)
+            assert isinstance(lease, Lease)
+            leases.append(lease)
+        writer, _ = await store._db.connections()
+        traced: list[str] = []
+        await writer.run(lambda conn: conn.set_trace_callback(traced.append))
+        outcomes = await store.write_many(
+            [Write(lease, None, f"token {n}".encode(), 1) for n, lease in enumerate(leases)]
+        )
+        await writer.run(lambda conn: conn.set_trace_callback(None))
+        assert outcomes == [None] * 300
+        # BEGIN, data_version, 5 INSERTs of 64 staged rows at most, UPDATE, INSERT, SELECT,
+        # DELETE, COMMIT.
+        assert len(traced) == 12, traced
+        for n in (0, 150, 299):
+            assert (await body_of(store, f"/many#{n}"))[1] == f"token {n}".encode()
+    finally:
+        await store.close()
+
+
+async def test_sqlite_this_processs_copy_matches_the_file_field_by_field(tmp_path: Path) -> None:
+    """After every kind of batch (a head with its first bytes, appends, a renewal between
+    appends, a finish), the stream as this process knows it — from memory, moved on by what
+    the appends changed — is the stream as the file has it, to the last bit of every time."""
+    path = tmp_path / "durable.db"
+    store, other = SQLiteStore(path), SQLiteStore(path)
+
+    async def same() -> None:
+        mine, theirs = await store.info("/copy#1"), await other.info("/copy#1")
+        assert mine == theirs
+        assert store._known.local("/copy#1") is not None  # served from memory
+
+    try:
+        lease = await store.claim("/copy#1", lease_seconds=LONG)
+        assert isinstance(lease, Lease)
+        await store.write_many([Write(lease, (200, ((b"x-a", b"1"),)), b"first ", 1)])
+        await same()
+        await store.append(lease, b"second ", chunks=1)
+        await same()
+        await other.attach("/copy#1", 1)  # another process's reader: not this one's change
+        await asyncio.gather(
+            store.append(lease, b"third ", chunks=1),
+            store.renew(lease, lease_seconds=LONG),
+            store.append(lease, b"fourth", chunks=1),
+        )
+        await same()
+        info = await store.info("/copy#1")
+        assert info is not None
+        assert (info.offset, info.chunks, info.readers) == (25, 4, 1)
+        await store.finish(lease, "complete", ttl=LONG, retain=True)
+        await same()
+        assert (await body_of(other, "/copy#1"))[1] == b"first second third fourth"
+    finally:
+        await store.close()
+        await other.close()
+
+
 async def test_sqlite_older_than_the_statements_need_is_refused_on_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,7 +14,8 @@ Design, in brief (each module says more):
   and `attach` are committed by a batch writer (`GroupCommit`): everything queued, from every
   stream, in one transaction and one thread hop; writes of one stream commit in order, none
   is acknowledged before its commit. A batch is applied run by run, set-based: all of a run's
-  appends by one staged ``executemany``, one UPDATE (answering the rows) and one INSERT.
+  appends by a few multi-row INSERTs into a staging table, one UPDATE, one INSERT and one
+  SELECT answering what changed (a dozen statements for 300 streams).
   Claims (``BEGIN IMMEDIATE``: atomic across processes) join the batch; aborts, deletes and
   purges take the same writer connection, in their own transactions.
 - `_local`: streams this process produces are also kept in memory, from the claim on, so

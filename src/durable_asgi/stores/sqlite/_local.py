@@ -19,9 +19,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .._base import Lease, LocalCopy
+from .._base import Lease, LocalCopy, evolve
 from ._schema import to_info
-from ._writes import Batch, Op
+from ._writes import Advanced, Batch, Op
 
 #: Recently appended bytes kept in memory per stream this process produces, to serve its
 #: local readers without a query.
@@ -124,7 +124,13 @@ class Known:
             elif op.kind == "finish" and ok:
                 finished.add(op.stream_id)
         for row in batch.rows:
-            self._refresh(row, appended.get(row["id"]), row["id"] in finished, batch.checked)
+            stream_id = row["id"]
+            parts = appended.get(stream_id)
+            if stream_id in batch.advanced and parts is not None:
+                parts = []  # the row is from before the appends: they come next
+            self._refresh(row, parts, stream_id in finished, batch.checked)
+        for stream_id, change in batch.advanced.items():
+            self._advance(stream_id, change, appended.get(stream_id, ()), batch)
         for op, ok in zip(ops, batch.applied, strict=True):
             if not ok and op.kind != "attach":
                 self._copies.pop(op.stream_id, None)
@@ -158,6 +164,29 @@ class Known:
         info = to_info(row, copy.info if copy.headers == row["headers"] else None)
         copy.headers, copy.confirmed = row["headers"], checked
         copy.update(info, parts or ())
+
+    def _advance(
+        self, stream_id: str, change: Advanced, parts: Sequence[bytes], batch: Batch
+    ) -> None:
+        """The stream's appends, `parts`, committed in `batch` as `change`: the copy moves on
+        with them (an append changes nothing else in the row but ``updated_at``)."""
+        self._seen[stream_id] = (change.generation, change.version)  # exact: as committed
+        copy = self._copies.get(stream_id)
+        if copy is None or copy.info.generation != change.generation:
+            # No copy to move on (a read of the file saw this commit first and dropped it):
+            # this process's readers read the file, as for a stream produced elsewhere.
+            self._copies.pop(stream_id, None)
+            return
+        info = evolve(
+            copy.info,
+            version=change.version,
+            offset=change.size,
+            chunks=change.chunks,
+            readers=change.readers,
+            updated_at=batch.now,
+        )
+        copy.confirmed = batch.checked
+        copy.update(info, parts)
 
     def _settle(self, copy: Copy, row: sqlite3.Row, now: float) -> None:
         """This process's `finish` of the stream committed as `row`: keep the final snapshot

@@ -8,6 +8,7 @@ makes its snapshot atomic.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 
 from .._base import StoreError
@@ -68,14 +69,13 @@ INFO_COLUMNS = (
 COLUMNS = ", ".join(INFO_COLUMNS)
 #: Not expired (as of ``:now``).
 LIVE = "(expires_at IS NULL OR expires_at > :now)"
-#: Now, on SQLite's clock, in seconds since the epoch (``time.time()``'s scale).
-NOW = "((julianday('now') - 2440587.5) * 86400.0)"
-#: The stream ``:id`` while ``:token`` is its current lease and hasn't run out: the fence of
-#: every producer write. A lease that ran out is lost for good, even before another producer
-#: takes the stream over: its readers were already told the stream `failed` (`effective`).
+#: The stream ``:id`` while ``:token`` is its current lease and the lease hasn't run out by
+#: ``:now`` (the batch's time, one for all its statements: `apply_batch` binds it): the fence
+#: of every producer write. A lease that ran out is lost for good, even before another
+#: producer takes the stream over: its readers were already told the stream `failed`.
 OWNED = (
     "id = :id AND generation = :token AND state = 'running' "
-    f"AND (lease_expires_at IS NULL OR lease_expires_at >= {NOW})"
+    "AND (lease_expires_at IS NULL OR lease_expires_at >= :now)"
 )
 
 SELECT_STREAM = f"SELECT {COLUMNS} FROM streams WHERE id = :id"
@@ -83,8 +83,10 @@ SELECT_LIVE_STREAM = f"{SELECT_STREAM} AND {LIVE}"
 
 # A run of appends (one per stream) is staged in this table of the writer's connection (one
 # row per segment: `rel` is its offset within its append, `size` the append's whole length,
-# `chunks` the append's on its first segment and 0 on the others),
-# then applied by two statements, however many streams: `ADVANCE_STAGED`, `APPEND_STAGED`.
+# `chunks` the append's on its first segment and 0 on the others), then applied by three
+# statements, however many streams: `ADVANCE_STAGED`, `APPEND_STAGED`, `ADVANCED`. Few
+# statements, each one step, not a step per stream: sqlite3 hands the GIL over around every
+# step, and on a busy event loop each hand-over waits for the loop's thread to let go of it.
 CREATE_STAGED = """CREATE TEMP TABLE IF NOT EXISTS staged (
     id TEXT NOT NULL,
     token TEXT NOT NULL,
@@ -93,27 +95,43 @@ CREATE_STAGED = """CREATE TEMP TABLE IF NOT EXISTS staged (
     chunks INTEGER NOT NULL,
     data BLOB NOT NULL
 )"""
-STAGE = "INSERT INTO staged (id, token, rel, size, chunks, data) VALUES (?, ?, ?, ?, ?, ?)"
+#: Rows staged per INSERT statement (6 parameters each).
+STAGE_ROWS = 64
 #: `OWNED` for each staged row `s` and its stream `t`.
 STAGED_OWNED = (
     "t.id = s.id AND t.generation = s.token AND t.state = 'running' "
-    f"AND (t.lease_expires_at IS NULL OR t.lease_expires_at >= {NOW})"
+    "AND (t.lease_expires_at IS NULL OR t.lease_expires_at >= :now)"
 )
-# Advances each stream whose lease holds by its staged append, and answers its row: what the
-# batch tells `Known`, so no re-read. First, so `APPEND_STAGED` sees the streams advanced:
-# each segment starts at the stream's new size less its append, plus its offset in it.
+# Advances each stream whose lease holds by its staged append. First, so `APPEND_STAGED` sees
+# the streams advanced: each segment starts at the stream's new size less its append, plus
+# its offset in it.
 ADVANCE_STAGED = (
     "UPDATE streams AS t SET size = t.size + s.size, chunks = t.chunks + s.chunks, "
-    f"version = t.version + 1, updated_at = {NOW} "
-    f"FROM staged AS s WHERE s.rel = 0 AND {STAGED_OWNED} RETURNING {COLUMNS}"
+    "version = t.version + 1, updated_at = :now "
+    f"FROM staged AS s WHERE s.rel = 0 AND {STAGED_OWNED}"
 )
-# The segments of the streams just advanced (the same fence: all of an append's or none).
-# In key order: the index pages each touches are visited once, in order.
+# The segments of the streams just advanced (the same fence, at the same `:now`: all of an
+# append's or none). In key order: the index pages each touches are visited once, in order.
 APPEND_STAGED = (
     "INSERT INTO segments (stream_id, start, chunks, data) "
     "SELECT s.id, t.size - s.size + s.rel, s.chunks, s.data "
     f"FROM staged AS s JOIN streams AS t ON {STAGED_OWNED} ORDER BY s.id, s.rel"
 )
+# What the appends changed in the rows of the streams advanced (the fence holds for exactly
+# those), as committed: one JSON array of ``[id, generation, version, size, chunks, readers]``,
+# one row (so one step) however many streams. Integers and text only: JSON keeps them exact.
+ADVANCED = (
+    "SELECT json_group_array(json_array(t.id, t.generation, t.version, t.size, t.chunks, "
+    f"t.readers)) FROM staged AS s JOIN streams AS t ON {STAGED_OWNED} WHERE s.rel = 0"
+)
+
+
+@functools.lru_cache(maxsize=STAGE_ROWS)
+def stage(rows: int) -> str:
+    """The INSERT of `rows` staged rows."""
+    values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows)
+    return f"INSERT INTO staged (id, token, rel, size, chunks, data) VALUES {values}"
+
 
 ATTACH = f"UPDATE streams SET readers = max(0, readers + :delta) WHERE id = :id RETURNING {COLUMNS}"
 

@@ -39,7 +39,6 @@ from ._schema import (
     ATTACH,
     COLUMNS,
     LIVE,
-    NOW,
     OWNED,
     READ,
     SELECT_LIVE_STREAM,
@@ -158,9 +157,10 @@ class SQLiteStore:
                     lease,
                     "chunks = chunks + :chunks, version = version + 1, updated_at = :now",
                     chunks=chunks,
-                    now=time.time(),
                 )
-            elif not await self._db.query(f"SELECT 1 FROM streams WHERE {OWNED}", owned):
+            elif not await self._db.query(
+                f"SELECT 1 FROM streams WHERE {OWNED}", {**owned, "now": time.time()}
+            ):
                 raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
             return
         if not await self._batched(_append_op(lease, data, chunks)):
@@ -191,11 +191,11 @@ class SQLiteStore:
         return outcomes
 
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
-        # Not a visible change: no version bump, no wake-up. The lease runs from the commit
-        # (SQLite's clock, in seconds since the epoch), not from when the renewal was queued.
+        # Not a visible change: no version bump, no wake-up. The lease runs from its batch's
+        # time (`apply_batch` binds ``:now``), not from when the renewal was queued.
         await self._update_owned(
             lease,
-            f"lease_expires_at = {NOW} + :seconds",
+            "lease_expires_at = :now + :seconds",
             "renew",
             seconds=lease_seconds,
         )
@@ -211,7 +211,6 @@ class SQLiteStore:
                 state=state,
                 expires=now + ttl,
                 retain=int(retain),
-                now=now,
             )
         finally:
             # Not committed (or the lease was lost): readers meet the outcome in the file.
@@ -221,7 +220,8 @@ class SQLiteStore:
     async def _update_owned(
         self, lease: Lease, assignments: str, kind: str = "update", **params: Any
     ) -> None:
-        """One fenced UPDATE of the lease's stream; `LeaseLost` if the lease isn't current."""
+        """One fenced UPDATE of the lease's stream; `LeaseLost` if the lease isn't current.
+        ``:now`` in `assignments` is the batch's time (`apply_batch` binds it)."""
         op = Op(
             kind,
             lease.stream_id,
@@ -375,7 +375,6 @@ def _start_op(lease: Lease, status: int, headers: Headers) -> Op:
             "token": lease.token,
             "status": status,
             "headers": dump_headers(headers),
-            "now": time.time(),
         },
     )
 

@@ -5,15 +5,19 @@ from every stream, committed together by `apply_batch`: a worker that takes a th
 requests a second pays one thread hop and one transaction per batch, not per request. The
 batch is cut into runs of one kind (`runs`, as PostgreSQL's), and a run of appends — what a
 flush at token pace is: one small append for each of hundreds of streams — is *set-based*: its
-rows staged with one ``executemany``, then one UPDATE advancing every stream whose lease holds
-(answering their rows) and one INSERT of their segments, instead of a statement, a trigger and
-a re-read per stream. Other kinds are a fenced statement per op (answering the row), or for a
-claim the `claim` function: heads and finishes are one per stream, renewals one per lease/3.
-Aborts, deletes and purges are a transaction of their own each: `abort`, `delete`, `purge`.
+rows staged by a few multi-row INSERTs, then one UPDATE advancing every stream whose lease
+holds, one INSERT of their segments and one SELECT answering what changed (`Advanced`, as one
+JSON value), instead of a statement, a trigger and a re-read per stream — and a step of
+sqlite3 per row, each a hand-over of the GIL that a busy event loop makes wait. Other kinds are
+a fenced statement per op (answering the row), or for a claim the `claim` function: heads and
+finishes are one per stream, renewals one per lease/3. Every fence of a batch is judged at one
+time, the batch's (`Batch.now`). Aborts, deletes and purges are a transaction of their own
+each: `abort`, `delete`, `purge`.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from typing import Any, NamedTuple
@@ -22,11 +26,13 @@ from .._base import Lease, StreamInfo, effective, is_claimable, new_token
 from .._batch import runs
 from ._schema import (
     ADVANCE_STAGED,
+    ADVANCED,
     APPEND_STAGED,
     COLUMNS,
     LIVE,
     SELECT_STREAM,
-    STAGE,
+    STAGE_ROWS,
+    stage,
     to_info,
 )
 
@@ -56,6 +62,18 @@ class Op(NamedTuple):
 Claimed = tuple[Lease, sqlite3.Row] | StreamInfo
 
 
+class Advanced(NamedTuple):
+    """A stream's row after the appends of a batch applied, as far as an append changes it
+    (and `readers`, which another process may have changed): the rest of the row is as it was,
+    but ``updated_at``, which is the batch's `Batch.now`."""
+
+    generation: str
+    version: int
+    size: int
+    chunks: int
+    readers: int
+
+
 class Batch(NamedTuple):
     """What a committed batch of `Op`s tells the store."""
 
@@ -64,7 +82,14 @@ class Batch(NamedTuple):
     claims: dict[int, Claimed]
     """What each claim answered, by its index in the batch."""
     rows: list[sqlite3.Row]
-    """The ``streams`` rows the ops touched, as committed (one per stream)."""
+    """The ``streams`` rows the ops touched, as committed (one per stream): for a stream in
+    `advanced`, as of before its appends."""
+    advanced: dict[str, Advanced]
+    """What the appends changed, by stream, for the streams whose appends applied after the
+    last of their ops that answered a row."""
+    now: float
+    """The batch's time (``time.time()`` when it began): when every fence of it is judged, and
+    the ``updated_at`` of the streams it appended to."""
     data_version: int
     """The writer connection's ``PRAGMA data_version``: it changes when another connection —
     another process — commits."""
@@ -75,22 +100,23 @@ class Batch(NamedTuple):
 
 def apply_batch(conn: sqlite3.Connection, ops: list[Op]) -> Batch:
     """Every op, run by run; then the rows of the streams they touched, as committed: each
-    changed row as its last statement answered it, the others (fence lost, not claimable)
-    read again."""
+    changed row as its last statement answered it (or, for appends, what they changed), the
+    others (fence lost, not claimable) read again."""
     ((data_version,),) = conn.execute("PRAGMA data_version").fetchall()
-    checked = time.monotonic()
+    checked, now = time.monotonic(), time.time()
     applied = [False] * len(ops)
     claims: dict[int, Claimed] = {}
-    rows: dict[str, sqlite3.Row] = {}  # stream id -> its row after its latest change
+    rows: dict[str, sqlite3.Row] = {}  # stream id -> its row after its latest change ...
+    advanced: dict[str, Advanced] = {}  # ... and its appends' changes, if they came later
     for run in runs(ops):
         kind = ops[run[0]].kind
         if kind == "append":
-            changed = _append_run(conn, [ops[i] for i in run])
+            changed = _append_run(conn, [ops[i] for i in run], now)
             for i in run:
-                row = changed.get(ops[i].stream_id)
-                if row is not None:
+                stream_id = ops[i].stream_id
+                if stream_id in changed:
                     applied[i] = True
-                    rows[row["id"]] = row
+                    advanced[stream_id] = changed[stream_id]
             continue
         for i in run:
             op = ops[i]
@@ -99,12 +125,18 @@ def apply_batch(conn: sqlite3.Connection, ops: list[Op]) -> Batch:
                 applied[i] = True
                 if isinstance(result, tuple):
                     rows[op.stream_id] = result[1]
+                    advanced.pop(op.stream_id, None)
             else:
-                got = conn.execute(op.sql, op.params or {}).fetchall()
+                got = conn.execute(op.sql, {**(op.params or {}), "now": now}).fetchall()
                 if got:
                     applied[i] = True
                     rows[op.stream_id] = got[0]
-    unchanged = [sid for sid in dict.fromkeys(op.stream_id for op in ops) if sid not in rows]
+                    advanced.pop(op.stream_id, None)
+    unchanged = [
+        sid
+        for sid in dict.fromkeys(op.stream_id for op in ops)
+        if sid not in rows and sid not in advanced
+    ]
     for at in range(0, len(unchanged), IDS_PER_QUERY):
         chunk = unchanged[at : at + IDS_PER_QUERY]
         for row in conn.execute(
@@ -112,13 +144,14 @@ def apply_batch(conn: sqlite3.Connection, ops: list[Op]) -> Batch:
             chunk,
         ).fetchall():
             rows[row["id"]] = row
-    return Batch(applied, claims, list(rows.values()), data_version, checked)
+    return Batch(applied, claims, list(rows.values()), advanced, now, data_version, checked)
 
 
-def _append_run(conn: sqlite3.Connection, ops: list[Op]) -> dict[str, sqlite3.Row]:
-    """The appends `ops` (one per stream), in segments of at most MAX_SEGMENT bytes: the rows
-    of the streams whose lease held, as advanced. An append lands whole or not at all (both
-    statements fence each stream alike; a statement that fails rolls the batch back)."""
+def _append_run(conn: sqlite3.Connection, ops: list[Op], now: float) -> dict[str, Advanced]:
+    """The appends `ops` (one per stream), in segments of at most MAX_SEGMENT bytes, fenced at
+    `now`: what they changed in the streams whose lease held. An append lands whole or not at
+    all (the statements fence each stream alike, at one time; a statement that fails rolls the
+    batch back)."""
     staged: list[tuple[str, str, int, int, int, bytes | memoryview]] = []
     for op in ops:
         data, size = op.data, len(op.data)
@@ -130,12 +163,15 @@ def _append_run(conn: sqlite3.Connection, ops: list[Op]) -> dict[str, sqlite3.Ro
             (op.stream_id, op.token, at, size, 0 if at else op.chunks, view[at : at + MAX_SEGMENT])
             for at in range(0, size, MAX_SEGMENT)
         ]
-    conn.executemany(STAGE, staged)
-    changed = {row["id"]: row for row in conn.execute(ADVANCE_STAGED).fetchall()}
-    if changed:
-        conn.execute(APPEND_STAGED)
+    for at in range(0, len(staged), STAGE_ROWS):
+        rows = staged[at : at + STAGE_ROWS]
+        conn.execute(stage(len(rows)), [value for row in rows for value in row])
+    fence = {"now": now}
+    conn.execute(ADVANCE_STAGED, fence)
+    conn.execute(APPEND_STAGED, fence)
+    ((answer,),) = conn.execute(ADVANCED, fence).fetchall()
     conn.execute("DELETE FROM staged")  # (rolled back with the batch if a statement failed)
-    return changed
+    return {row[0]: Advanced(*row[1:]) for row in json.loads(answer)}
 
 
 def claim(db: sqlite3.Connection, stream_id: str, lease_seconds: float, replace: bool) -> Claimed:
