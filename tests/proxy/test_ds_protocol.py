@@ -36,17 +36,19 @@ async def get(url: str, **params: str) -> httpx.Response:
         return await client.get(httpx.URL(url).copy_merge_params(params))
 
 
-async def read_all(location: str) -> tuple[bytes, httpx.Response]:
-    """Catch-up reads from the start until Stream-Closed; the bytes and the last response."""
-    body, offset = b"", "-1"
+async def read_all(location: str) -> tuple[bytes, list[httpx.Response]]:
+    """Catch-up reads from the start until Stream-Closed; the bytes and every response (the
+    last may be a 204: a long-poll waiting at the tail is woken by the close)."""
+    body, offset, responses = b"", "-1", []
     with anyio.fail_after(20):
         while True:
             response = await get(location, offset=offset, live="long-poll")
             assert response.status_code in (200, 204), response.text
+            responses.append(response)
             body += response.content
             offset = response.headers["stream-next-offset"]
             if response.headers.get("stream-closed") == "true":
-                return body, response
+                return body, responses
 
 
 def error(response: httpx.Response) -> str:
@@ -61,12 +63,18 @@ async def test_create_then_catch_up_read(serve: Serve) -> None:
         assert created.headers["upstream-content-type"].startswith("text/event-stream")
         location = created.headers["location"]
         assert location.startswith(f"{s.url}/v1/proxy/")
-        body, last = await read_all(location)
+        body, responses = await read_all(location)
         assert body == sse_body(5)
+        last = responses[-1]
         assert last.headers["durable-state"] == "complete"
         assert last.headers["upstream-content-type"].startswith("text/event-stream")
         # never text/event-stream on a catch-up: clients would take the bytes for SSE framing
-        assert last.headers["content-type"].startswith("text/plain")
+        with_data = [r for r in responses if r.status_code == 200]
+        assert with_data and all(
+            r.headers["content-type"].startswith("text/plain") for r in with_data
+        )
+        # a 204 carries no body, so no Content-Type
+        assert all("content-type" not in r.headers for r in responses if r.status_code == 204)
         assert s.origin.calls["/sse"] == 1
 
 
@@ -82,8 +90,8 @@ async def test_an_upstream_slower_than_the_lease_to_answer_is_stored_whole(
     with serve(secret=SECRET, lease_seconds=0.6) as s:
         created = await create(s, f"/sse?n=5&delay=0.05&wait={wait}")
         assert created.status_code == 201, created.text
-        body, last = await read_all(created.headers["location"])
-        assert (body, last.headers["durable-state"]) == (sse_body(5), "complete")
+        body, responses = await read_all(created.headers["location"])
+        assert (body, responses[-1].headers["durable-state"]) == (sse_body(5), "complete")
         assert s.origin.calls["/sse"] == 1
 
 
@@ -140,7 +148,7 @@ async def test_201_before_the_body_and_a_leaving_client_does_not_stop_the_upstre
         await _wait(s.origin.paused)
         assert not s.origin.finished.is_set()
         s.origin.release.set()  # the creating client is long gone
-        body, _last = await read_all(created.headers["location"])
+        body, _ = await read_all(created.headers["location"])
         assert body == sse_body(6)
         assert s.origin.finished.is_set() and not s.origin.stopped.is_set()
         assert s.origin.calls["/sse"] == 1
@@ -460,7 +468,7 @@ async def test_abort_keeps_the_data_and_closes_as_aborted(serve: Serve) -> None:
             await _wait(s.origin.stopped)
             r = await client.patch(_with(location, action="abort"))
             assert r.status_code == 204  # idempotent
-        body, last = await read_all(location)
+        body, (*_, last) = await read_all(location)
         assert body == sse_body(3)
         assert last.headers["durable-state"] == "aborted"
         async with httpx.AsyncClient() as client:
@@ -494,7 +502,7 @@ async def test_delete_stops_the_upstream_and_is_idempotent(serve: Serve) -> None
 async def test_upstream_failing_mid_body_closes_as_failed(serve: Serve) -> None:
     with serve(secret=SECRET) as s:
         location = (await create(s, "/sse?n=6&fail=3")).headers["location"]
-        body, last = await read_all(location)
+        body, (*_, last) = await read_all(location)
         assert body == sse_body(3)
         assert last.headers["durable-state"] == "failed"
 
@@ -503,7 +511,7 @@ async def test_upstream_failing_mid_body_closes_as_failed(serve: Serve) -> None:
 async def test_body_inactivity_timeout_fails_the_stream(serve: Serve) -> None:
     with serve(secret=SECRET, body_timeout=0.3) as s:
         location = (await create(s, "/sse?n=6&pause=2")).headers["location"]
-        body, last = await read_all(location)
+        body, (*_, last) = await read_all(location)
         assert body == sse_body(2)
         assert last.headers["durable-state"] == "failed"
         s.origin.release.set()
@@ -513,7 +521,7 @@ async def test_body_inactivity_timeout_fails_the_stream(serve: Serve) -> None:
 async def test_larger_than_max_response_bytes_fails(serve: Serve) -> None:
     with serve(secret=SECRET, max_response_bytes=100) as s:
         location = (await create(s, "/sse?n=10")).headers["location"]
-        body, last = await read_all(location)
+        body, (*_, last) = await read_all(location)
         assert len(body) <= 100
         assert last.headers["durable-state"] == "failed"
 
@@ -537,7 +545,7 @@ async def test_mounted_in_a_host_app(serve: Serve) -> None:
         assert created.status_code == 201, created.text
         location = created.headers["location"]
         assert location.startswith(f"{s.url}/x/v1/proxy/")
-        body, last = await read_all(location)
+        body, (*_, last) = await read_all(location)
         assert body == sse_body(3) and last.headers["durable-state"] == "complete"
         # mode 1 still answers beside it
         async with httpx.AsyncClient() as client:
@@ -549,7 +557,7 @@ async def test_upstream_garbage_after_its_head_closes_as_failed(serve: Serve) ->
     with serve(secret=SECRET) as s:
         created = await create(s, "/garbage")  # claims gzip, isn't
         assert created.status_code == 201
-        body, last = await read_all(created.headers["location"])
+        body, (*_, last) = await read_all(created.headers["location"])
         assert body == b"" and last.headers["durable-state"] == "failed"
 
 
