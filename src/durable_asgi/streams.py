@@ -19,7 +19,7 @@ import base64
 import contextlib
 import json
 import math
-import secrets
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -132,13 +132,15 @@ def is_text(ctype: bytes) -> bool:
 def next_cursor(client: str | None, now: float | None = None) -> str:
     """The cursor to answer (base protocol 10.1): the number of 20-second intervals since
     2024-10-09T00:00:00Z, or, when the client's cursor is at or past it, the client's plus
-    1-3600 seconds' worth of intervals (random jitter): never the same twice, never back."""
+    1-3600 seconds' worth of intervals (random jitter): never the same twice, never back.
+    The jitter only spreads clients' cache keys apart, so it needs no cryptographic source
+    (`random`, where `secrets` made a system call for each SSE event)."""
     elapsed = (time.time() if now is None else now) - CURSOR_EPOCH
     current = math.floor(elapsed / CURSOR_INTERVAL)
     if client is not None and client.isdigit() and client.isascii():
         sent = int(client)
         if sent >= current:
-            jitter = secrets.randbelow(3600) + 1
+            jitter = random.randrange(1, 3601)
             return str(sent + max(1, math.ceil(jitter / CURSOR_INTERVAL)))
     return str(current)
 
