@@ -3,6 +3,7 @@ the ``meta`` hash, and how a script's snapshot reply becomes a `StreamInfo`."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -12,8 +13,10 @@ from .._base import MAX_RAW_ID, Headers, StreamInfo, effective
 
 __all__ = [
     "DATA",
+    "batch_entry",
     "batch_replies",
     "glob_escape",
+    "key_base",
     "key_names",
     "ms",
     "pack_headers",
@@ -42,10 +45,35 @@ def tag(stream_id: str) -> str:
     return "#" + hashlib.sha256(stream_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+@functools.lru_cache(maxsize=4096)  # asked for at every write of a running stream
+def key_base(prefix: str, stream_id: str) -> str:
+    """What the stream's key names start with (``batch.lua`` is given this, and adds the rest)."""
+    return f"{prefix}:{{{tag(stream_id)}}}:"
+
+
 def key_names(prefix: str, stream_id: str) -> tuple[str, str, str]:
-    """The stream's ``meta``, ``body`` and ``ev`` keys (the KEYS of every script)."""
-    base = f"{prefix}:{{{tag(stream_id)}}}:"
+    """The stream's ``meta``, ``body`` and ``ev`` keys (the KEYS of every script but
+    ``batch.lua``)."""
+    base = key_base(prefix, stream_id)
     return base + "meta", base + "body", base + "ev"
+
+
+def batch_entry(
+    want: int, chunks: int, status: int | None, token: str, headers: bytes, data: bytes
+) -> bytes:
+    """One stream's argument of ``batch.lua``: ``"<want> <chunks> <status> <len(token)>
+    <len(headers)>\n"``, then the token, the packed headers and the data, as they are (status
+    empty: no head; data empty: no append). One argument, not one per field: redis-py packs a
+    command argument by argument, in Python."""
+    tok = token.encode()
+    line = b"%d %d %s %d %d\n" % (
+        want,
+        chunks,
+        b"" if status is None else b"%d" % status,
+        len(tok),
+        len(headers),
+    )
+    return b"".join((line, tok, headers, data))
 
 
 def glob_escape(text: str) -> str:

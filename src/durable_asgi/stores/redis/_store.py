@@ -34,7 +34,17 @@ from .._base import (
 )
 from .._batch import Waiter
 from . import _scripts as scripts
-from ._codec import DATA, batch_replies, glob_escape, key_names, ms, pack_headers, snapshot
+from ._codec import (
+    DATA,
+    batch_entry,
+    batch_replies,
+    glob_escape,
+    key_base,
+    key_names,
+    ms,
+    pack_headers,
+    snapshot,
+)
 from ._connection import Connection
 from ._follower import Follower
 from ._scripts import BATCH_BYTES, LEASES, MAX_BATCH, OTHERS, WRITES, Lanes, Script
@@ -252,7 +262,7 @@ class RedisStore:
             return await write_each(self, writes)
         # Per call: for each reply it will hold, the write's index and what to do with it.
         calls: list[tuple[list[tuple[int, Done]], asyncio.Future[Any]]] = []
-        lanes, waiter = self._lanes, Waiter()
+        lanes, waiter, prefix = self._lanes, Waiter(), self.prefix
         dones: list[tuple[int, Done]] = []
         keys: list[str] = []
         args: list[bytes | str | int] = [ms(self.orphan_ttl)]
@@ -260,11 +270,10 @@ class RedisStore:
         for i, (lease, head, data, chunks) in enumerate(writes):
             if head is None and not data:
                 continue
-            if dones and (len(keys) == 3 * MAX_BATCH or size + len(data) > BATCH_BYTES):
+            if dones and (len(keys) == MAX_BATCH or size + len(data) > BATCH_BYTES):
                 calls.append((dones, lanes.enqueue(scripts.BATCH, keys, args, WRITES, waiter)))
                 dones, keys, args, size = [], [], [ms(self.orphan_ttl)], 0
-            status: int | str = ""
-            packed, want = b"", -1
+            status, packed, want = None, b"", -1
             if head is not None:
                 status, headers = head
                 packed = pack_headers(headers)
@@ -272,8 +281,8 @@ class RedisStore:
             if data:
                 want = self._ends.pop(lease.token, -1)  # as in `append`
                 dones.append((i, functools.partial(self._appended, lease, data, chunks)))
-            keys += self._keys(lease.stream_id)
-            args += (f"{want} {chunks} {status} {lease.token}", packed, data)  # see batch.lua
+            keys.append(key_base(prefix, lease.stream_id))
+            args.append(batch_entry(want, chunks, status, lease.token, packed, data))
             size += len(data)
         if dones:
             calls.append((dones, lanes.enqueue(scripts.BATCH, keys, args, WRITES, waiter)))

@@ -1,10 +1,9 @@
 -- Prepended to every script (scripts.py). KEYS = meta, body, ev. Times are server
 -- milliseconds.
 if redis.replicate_commands then redis.replicate_commands() end
+-- The functions below work on the stream whose keys these are: batch.lua moves them from
+-- stream to stream, every other script has one.
 local meta, body, ev = KEYS[1], KEYS[2], KEYS[3]
--- The functions below work on the stream whose keys are at KEYS[k..k+2]: batch.lua moves them
--- from stream to stream, every other script has one.
-local function on(k) meta, body, ev = KEYS[k], KEYS[k + 1], KEYS[k + 2] end
 -- The store appends these to every script's own ARGV (scripts.py, CONSTANTS), so they
 -- live in one place and the script text stays the same whatever they are.
 local EV_MARGIN, PIECE = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
