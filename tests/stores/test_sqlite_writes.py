@@ -289,6 +289,47 @@ async def test_sqlite_a_run_of_appends_is_a_few_statements_however_many_streams(
         await store.close()
 
 
+async def test_sqlite_renewals_are_a_few_statements_and_each_fenced(tmp_path: Path) -> None:
+    """100 streams' renewals in one batch: a handful of statements, not one per stream; the
+    stream aborted by another process is refused alone, every other lease runs from the
+    batch's time, in the file exactly as in this process's copy."""
+    path = tmp_path / "durable.db"
+    store, other = SQLiteStore(path), SQLiteStore(path)
+    try:
+        leases = []
+        for n in range(100):
+            lease = await store.claim(f"/renew#{n}", lease_seconds=LONG)
+            assert isinstance(lease, Lease)
+            leases.append(lease)
+        assert await other.abort("/renew#7", ttl=LONG)
+        before = await other.info("/renew#3")
+        assert before is not None and before.lease_expires_at is not None
+        writer, _ = await store._db.connections()
+        traced: list[str] = []
+        await writer.run(lambda conn: conn.set_trace_callback(traced.append))
+        results = await asyncio.gather(
+            *(store.renew(lease, lease_seconds=2 * LONG) for lease in leases),
+            return_exceptions=True,
+        )
+        await writer.run(lambda conn: conn.set_trace_callback(None))
+        assert [n for n, r in enumerate(results) if r is not None] == [7]
+        assert isinstance(results[7], LeaseLost)
+        # BEGIN, data_version, 2 INSERTs of staged rows, UPDATE, SELECT, DELETE, the refused
+        # stream read again, COMMIT.
+        assert len(traced) == 9, traced
+        for n in (0, 3, 99):
+            mine, theirs = await store.info(f"/renew#{n}"), await other.info(f"/renew#{n}")
+            assert mine == theirs and theirs is not None
+            assert theirs.lease_expires_at is not None
+            assert theirs.lease_expires_at > before.lease_expires_at + LONG / 2
+            assert store._known.local(f"/renew#{n}") is not None  # served from memory
+        aborted = await store.info("/renew#7")
+        assert aborted is not None and aborted.state == "aborted"
+    finally:
+        await store.close()
+        await other.close()
+
+
 async def test_sqlite_this_processs_copy_matches_the_file_field_by_field(tmp_path: Path) -> None:
     """After every kind of batch (a head with its first bytes, appends, a renewal between
     appends, a finish), the stream as this process knows it — from memory, moved on by what

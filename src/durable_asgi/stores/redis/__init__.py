@@ -27,9 +27,9 @@ SHA-256 (a raw tag never starts with ``#``, so the two forms cannot collide).
   (`write_many`) is one ``batch.lua`` call per `MAX_BATCH` streams, each stream in it one key
   prefix and one argument, and its reply one string: redis-py's work is per command, per
   argument and per reply element, so a call per stream cost the worker more than Redis spent
-  running it (and six arguments per stream, 40 % more than one per append). Each stream's write is fenced and answered on its own, as by a
-  script of its own (on a cluster, where the keys of one call must share a slot, each write
-  still is one).
+  running it (and six arguments per stream, 40 % more than one per append). Each stream's
+  write is fenced and answered on its own, as by a script of its own (on a cluster, where the
+  keys of one call must share a slot, each write still is one).
 - **Reads** find the entry holding offset ``n`` with ``XREVRANGE body n-1 - COUNT 1`` and take
   the rest with ``XRANGE``, in one script together with the metadata snapshot. Streams this
   process produces are also kept in memory as of their last acknowledged write (`LocalCopy`:

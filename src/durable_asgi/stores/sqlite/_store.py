@@ -193,12 +193,9 @@ class SQLiteStore:
     async def renew(self, lease: Lease, *, lease_seconds: float) -> None:
         # Not a visible change: no version bump, no wake-up. The lease runs from its batch's
         # time (`apply_batch` binds ``:now``), not from when the renewal was queued.
-        await self._update_owned(
-            lease,
-            "lease_expires_at = :now + :seconds",
-            "renew",
-            seconds=lease_seconds,
-        )
+        op = Op("renew", lease.stream_id, lease.token, params={"seconds": lease_seconds})
+        if not await self._batched(op):
+            raise LeaseLost(f"lease on {lease.stream_id!r} was lost")
 
     async def finish(self, lease: Lease, state: FinalState, *, ttl: float, retain: bool) -> None:
         now = time.time()

@@ -10,8 +10,9 @@ holds, one INSERT of their segments and one SELECT answering what changed (`Adva
 JSON value), instead of a statement, a trigger and a re-read per stream — and a step of
 sqlite3 per row, each a hand-over of the GIL that a busy event loop makes wait. Other kinds are
 a fenced statement per op (answering the row), or for a claim the `claim` function: heads and
-finishes are one per stream, renewals one per lease/3. Every fence of a batch is judged at one
-time, the batch's (`Batch.now`). Aborts, deletes and purges are a transaction of their own
+finishes are one per stream. Renewals, one per stream every third of its lease (hundreds a
+second on a busy worker), are set-based too (`_renew_run`). Every fence of a batch is judged
+at one time, the batch's (`Batch.now`). Aborts, deletes and purges are a transaction of their own
 each: `abort`, `delete`, `purge`.
 """
 
@@ -30,6 +31,8 @@ from ._schema import (
     APPEND_STAGED,
     COLUMNS,
     LIVE,
+    RENEW_STAGED,
+    RENEWED,
     SELECT_STREAM,
     STAGE_ROWS,
     stage,
@@ -45,8 +48,9 @@ MAX_SEGMENT = 1 << 20
 
 class Op(NamedTuple):
     """One write waiting for the batch writer. An append carries its lease's `token`, its
-    `data` (not empty) and `chunks`; a claim its `claim_args` (lease seconds, replace); every
-    other kind its fenced statement `sql`, answering the stream's row, and its `params`."""
+    `data` (not empty) and `chunks`; a renewal its `token` and ``params={"seconds": ...}``; a
+    claim its `claim_args` (lease seconds, replace); every other kind its fenced statement
+    `sql`, answering the stream's row, and its `params`."""
 
     kind: str  # "claim", "append", "start", "renew", "finish", "update", "attach"
     stream_id: str
@@ -87,6 +91,9 @@ class Batch(NamedTuple):
     advanced: dict[str, Advanced]
     """What the appends changed, by stream, for the streams whose appends applied after the
     last of their ops that answered a row."""
+    renewed: dict[str, tuple[str, float]]
+    """The lease (token) renewed and its new expiry, by stream, for the streams renewed after
+    the last of their ops that answered a row."""
     now: float
     """The batch's time (``time.time()`` when it began): when every fence of it is judged, and
     the ``updated_at`` of the streams it appended to."""
@@ -108,15 +115,21 @@ def apply_batch(conn: sqlite3.Connection, ops: list[Op]) -> Batch:
     claims: dict[int, Claimed] = {}
     rows: dict[str, sqlite3.Row] = {}  # stream id -> its row after its latest change ...
     advanced: dict[str, Advanced] = {}  # ... and its appends' changes, if they came later
+    renewed: dict[str, tuple[str, float]] = {}  # ... and its renewal, if it came later
     for run in runs(ops):
         kind = ops[run[0]].kind
-        if kind == "append":
-            changed = _append_run(conn, [ops[i] for i in run], now)
+        if kind in ("append", "renew"):
+            batch = [ops[i] for i in run]
+            if kind == "append":
+                changed: dict[str, Any] = _append_run(conn, batch, now)
+                into: dict[str, Any] = advanced
+            else:
+                changed, into = _renew_run(conn, batch, now), renewed
             for i in run:
                 stream_id = ops[i].stream_id
                 if stream_id in changed:
                     applied[i] = True
-                    advanced[stream_id] = changed[stream_id]
+                    into[stream_id] = changed[stream_id]
             continue
         for i in run:
             op = ops[i]
@@ -124,18 +137,16 @@ def apply_batch(conn: sqlite3.Connection, ops: list[Op]) -> Batch:
                 claims[i] = result = claim(conn, op.stream_id, *op.claim_args)
                 applied[i] = True
                 if isinstance(result, tuple):
-                    rows[op.stream_id] = result[1]
-                    advanced.pop(op.stream_id, None)
+                    _answered(op.stream_id, result[1], rows, advanced, renewed)
             else:
                 got = conn.execute(op.sql, {**(op.params or {}), "now": now}).fetchall()
                 if got:
                     applied[i] = True
-                    rows[op.stream_id] = got[0]
-                    advanced.pop(op.stream_id, None)
+                    _answered(op.stream_id, got[0], rows, advanced, renewed)
     unchanged = [
         sid
         for sid in dict.fromkeys(op.stream_id for op in ops)
-        if sid not in rows and sid not in advanced
+        if sid not in rows and sid not in advanced and sid not in renewed
     ]
     for at in range(0, len(unchanged), IDS_PER_QUERY):
         chunk = unchanged[at : at + IDS_PER_QUERY]
@@ -144,7 +155,49 @@ def apply_batch(conn: sqlite3.Connection, ops: list[Op]) -> Batch:
             chunk,
         ).fetchall():
             rows[row["id"]] = row
-    return Batch(applied, claims, list(rows.values()), advanced, now, data_version, checked)
+    return Batch(
+        applied, claims, list(rows.values()), advanced, renewed, now, data_version, checked
+    )
+
+
+def _answered(
+    stream_id: str,
+    row: sqlite3.Row,
+    rows: dict[str, sqlite3.Row],
+    advanced: dict[str, Advanced],
+    renewed: dict[str, tuple[str, float]],
+) -> None:
+    """An op answered the stream's `row`: it holds what the stream's earlier ops changed."""
+    rows[stream_id] = row
+    advanced.pop(stream_id, None)
+    renewed.pop(stream_id, None)
+
+
+def _stage(conn: sqlite3.Connection, staged: list[tuple[Any, ...]]) -> None:
+    """Rows of ``(id, token, rel, size, chunks, data)`` into the (empty) staging table."""
+    for at in range(0, len(staged), STAGE_ROWS):
+        rows = staged[at : at + STAGE_ROWS]
+        conn.execute(stage(len(rows)), [value for row in rows for value in row])
+
+
+def _renew_run(conn: sqlite3.Connection, ops: list[Op], now: float) -> dict[str, tuple[str, float]]:
+    """The renewals `ops`, fenced at `now`: for each stream whose lease held, its token and
+    new expiry (`now` plus the op's seconds: a statement per distinct number of seconds,
+    which is one, the middleware's ``lease_seconds``, but for tests and custom callers)."""
+    renewed: dict[str, tuple[str, float]] = {}
+    by_seconds: dict[float, list[Op]] = {}
+    for op in ops:
+        by_seconds.setdefault(float((op.params or {})["seconds"]), []).append(op)
+    for seconds, group in by_seconds.items():
+        _stage(conn, [(op.stream_id, op.token, 0, 0, 0, b"") for op in group])
+        fence = {"now": now, "seconds": seconds}
+        conn.execute(RENEW_STAGED, fence)
+        ((answer,),) = conn.execute(RENEWED, fence).fetchall()
+        conn.execute("DELETE FROM staged")
+        until = now + seconds  # as SQLite added them: ``:now + :seconds``
+        tokens = {op.stream_id: op.token for op in group}
+        renewed.update((sid, (tokens[sid], until)) for sid in json.loads(answer))
+    return renewed
 
 
 def _append_run(conn: sqlite3.Connection, ops: list[Op], now: float) -> dict[str, Advanced]:
@@ -163,9 +216,7 @@ def _append_run(conn: sqlite3.Connection, ops: list[Op], now: float) -> dict[str
             (op.stream_id, op.token, at, size, 0 if at else op.chunks, view[at : at + MAX_SEGMENT])
             for at in range(0, size, MAX_SEGMENT)
         ]
-    for at in range(0, len(staged), STAGE_ROWS):
-        rows = staged[at : at + STAGE_ROWS]
-        conn.execute(stage(len(rows)), [value for row in rows for value in row])
+    _stage(conn, staged)
     fence = {"now": now}
     conn.execute(ADVANCE_STAGED, fence)
     conn.execute(APPEND_STAGED, fence)
