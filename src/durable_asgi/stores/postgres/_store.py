@@ -83,7 +83,8 @@ class PostgresStore:
             ``{prefix}meta``), so several apps can share one schema.
         create_schema: create the tables on first use (idempotent). False when your own
             migrations apply `schema_sql` (the store then only checks the version).
-        min_connections / max_connections: the size of the store's own pool (DSN form).
+        min_connections: the fewest connections of the store's own pool (DSN form).
+        max_connections: the most connections of the store's own pool (DSN form).
         command_timeout: seconds any one statement may take before it fails with `StoreError`
             (DSN form; a pool you pass keeps its own setting).
         purge_interval: at most this often (seconds) a `claim` first removes expired streams.
