@@ -63,7 +63,7 @@ async def test_create_on_one_worker_read_and_abort_on_another(
             aborted = await client.patch(_with(on_b, action="abort"))
             assert aborted.status_code == 204
             await _wait(app.stopped)  # worker A's upstream was stopped by B's abort
-        body, last = await read_all(on_b)
+        body, (*_, last) = await read_all(on_b)
         assert body == sse_body(3)
         assert last.headers["durable-state"] == "aborted"
         assert app.calls["/sse"] == 1
@@ -105,7 +105,7 @@ async def test_a_dead_producer_ends_failed_for_readers(tmp_path: Path) -> None:
             head = await client.head(url, headers=AUTH)
         assert head.headers["durable-state"] == "failed"
         with anyio.fail_after(15):
-            body, last = await read_all(f"{server.url}/v1/proxy/{headless}?secret={SECRET}")
+            body, (*_, last) = await read_all(f"{server.url}/v1/proxy/{headless}?secret={SECRET}")
         assert body == b"" and last.headers["durable-state"] == "failed"
 
 
