@@ -292,7 +292,8 @@ async def test_sqlite_a_run_of_appends_is_a_few_statements_however_many_streams(
 async def test_sqlite_renewals_are_a_few_statements_and_each_fenced(tmp_path: Path) -> None:
     """100 streams' renewals in one batch: a handful of statements, not one per stream; the
     stream aborted by another process is refused alone, every other lease runs from the
-    batch's time, in the file exactly as in this process's copy."""
+    batch's time, in the file exactly as in this process's copy (a reader another process
+    counted in included)."""
     path = tmp_path / "durable.db"
     store, other = SQLiteStore(path), SQLiteStore(path)
     try:
@@ -302,6 +303,7 @@ async def test_sqlite_renewals_are_a_few_statements_and_each_fenced(tmp_path: Pa
             assert isinstance(lease, Lease)
             leases.append(lease)
         assert await other.abort("/renew#7", ttl=LONG)
+        await other.attach("/renew#3", 1)  # unseen here until a commit reads it back
         before = await other.info("/renew#3")
         assert before is not None and before.lease_expires_at is not None
         writer, _ = await store._db.connections()
@@ -322,6 +324,7 @@ async def test_sqlite_renewals_are_a_few_statements_and_each_fenced(tmp_path: Pa
             assert mine == theirs and theirs is not None
             assert theirs.lease_expires_at is not None
             assert theirs.lease_expires_at > before.lease_expires_at + LONG / 2
+            assert theirs.readers == (1 if n == 3 else 0)
             assert store._known.local(f"/renew#{n}") is not None  # served from memory
         aborted = await store.info("/renew#7")
         assert aborted is not None and aborted.state == "aborted"

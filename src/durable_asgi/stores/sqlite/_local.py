@@ -131,11 +131,13 @@ class Known:
             self._refresh(row, parts, stream_id in finished, batch.checked)
         for stream_id, change in batch.advanced.items():
             self._advance(stream_id, change, appended.get(stream_id, ()), batch)
-        for stream_id, (token, until) in batch.renewed.items():
+        for stream_id, renewal in batch.renewed.items():
             copy = self._copies.get(stream_id)
-            if copy is not None and copy.info.generation == token:
-                copy.info = evolve(copy.info, lease_expires_at=until)
-                copy.confirmed = batch.checked
+            if copy is not None and copy.info.generation == renewal.token:
+                copy.info = evolve(
+                    copy.info, lease_expires_at=renewal.lease_expires_at, readers=renewal.readers
+                )
+                copy.confirmed = batch.checked  # the row, as committed
         for op, ok in zip(ops, batch.applied, strict=True):
             if not ok and op.kind != "attach":
                 self._copies.pop(op.stream_id, None)

@@ -126,15 +126,19 @@ ADVANCED = (
 )
 
 
-# A run of renewals (staged as appends are, with no data) is one UPDATE and one SELECT of the
-# ids it renewed, however many streams: the new expiry is the batch's time plus
-# ``:seconds``, which this process computes alike (one double addition), so only the ids
-# come back.
+# A run of renewals (staged as appends are, with no data) is one UPDATE and one SELECT of
+# what it renewed, however many streams: the new expiry is the batch's time plus
+# ``:seconds``, which this process computes alike (one double addition), so only each id
+# comes back, with ``readers`` (which another process's `ATTACH` changes without touching
+# the lease: with it, the copy is the row).
 RENEW_STAGED = (
     "UPDATE streams AS t SET lease_expires_at = :now + :seconds "
     f"FROM staged AS s WHERE {STAGED_OWNED}"
 )
-RENEWED = f"SELECT json_group_array(t.id) FROM staged AS s JOIN streams AS t ON {STAGED_OWNED}"
+RENEWED = (
+    "SELECT json_group_array(json_array(t.id, t.readers)) "
+    f"FROM staged AS s JOIN streams AS t ON {STAGED_OWNED}"
+)
 
 
 @functools.lru_cache(maxsize=STAGE_ROWS)

@@ -78,6 +78,15 @@ class Advanced(NamedTuple):
     readers: int
 
 
+class Renewed(NamedTuple):
+    """A stream's lease renewed in a batch: the rest of its row is as it was, but `readers`
+    (which another process may have changed)."""
+
+    token: str
+    lease_expires_at: float
+    readers: int
+
+
 class Batch(NamedTuple):
     """What a committed batch of `Op`s tells the store."""
 
@@ -91,9 +100,9 @@ class Batch(NamedTuple):
     advanced: dict[str, Advanced]
     """What the appends changed, by stream, for the streams whose appends applied after the
     last of their ops that answered a row."""
-    renewed: dict[str, tuple[str, float]]
-    """The lease (token) renewed and its new expiry, by stream, for the streams renewed after
-    the last of their ops that answered a row."""
+    renewed: dict[str, Renewed]
+    """What the renewals changed, by stream, for the streams renewed after the last of their
+    ops that answered a row."""
     now: float
     """The batch's time (``time.time()`` when it began): when every fence of it is judged, and
     the ``updated_at`` of the streams it appended to."""
@@ -115,7 +124,7 @@ def apply_batch(conn: sqlite3.Connection, ops: list[Op]) -> Batch:
     claims: dict[int, Claimed] = {}
     rows: dict[str, sqlite3.Row] = {}  # stream id -> its row after its latest change ...
     advanced: dict[str, Advanced] = {}  # ... and its appends' changes, if they came later
-    renewed: dict[str, tuple[str, float]] = {}  # ... and its renewal, if it came later
+    renewed: dict[str, Renewed] = {}  # ... and its renewal, if it came later
     for run in runs(ops):
         kind = ops[run[0]].kind
         if kind in ("append", "renew"):
@@ -165,7 +174,7 @@ def _answered(
     row: sqlite3.Row,
     rows: dict[str, sqlite3.Row],
     advanced: dict[str, Advanced],
-    renewed: dict[str, tuple[str, float]],
+    renewed: dict[str, Renewed],
 ) -> None:
     """An op answered the stream's `row`: it holds what the stream's earlier ops changed."""
     rows[stream_id] = row
@@ -180,11 +189,11 @@ def _stage(conn: sqlite3.Connection, staged: list[tuple[Any, ...]]) -> None:
         conn.execute(stage(len(rows)), [value for row in rows for value in row])
 
 
-def _renew_run(conn: sqlite3.Connection, ops: list[Op], now: float) -> dict[str, tuple[str, float]]:
-    """The renewals `ops`, fenced at `now`: for each stream whose lease held, its token and
-    new expiry (`now` plus the op's seconds: a statement per distinct number of seconds,
-    which is one, the middleware's ``lease_seconds``, but for tests and custom callers)."""
-    renewed: dict[str, tuple[str, float]] = {}
+def _renew_run(conn: sqlite3.Connection, ops: list[Op], now: float) -> dict[str, Renewed]:
+    """The renewals `ops`, fenced at `now`: what changed for each stream whose lease held (its
+    new expiry, `now` plus the op's seconds: a statement per distinct number of seconds, which
+    is one, the middleware's ``lease_seconds``, but for tests and custom callers)."""
+    renewed: dict[str, Renewed] = {}
     by_seconds: dict[float, list[Op]] = {}
     for op in ops:
         by_seconds.setdefault(float((op.params or {})["seconds"]), []).append(op)
@@ -196,7 +205,8 @@ def _renew_run(conn: sqlite3.Connection, ops: list[Op], now: float) -> dict[str,
         conn.execute("DELETE FROM staged")
         until = now + seconds  # as SQLite added them: ``:now + :seconds``
         tokens = {op.stream_id: op.token for op in group}
-        renewed.update((sid, (tokens[sid], until)) for sid in json.loads(answer))
+        for sid, readers in json.loads(answer):
+            renewed[sid] = Renewed(tokens[sid], until, readers)
     return renewed
 
 
