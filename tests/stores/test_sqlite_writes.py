@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -19,6 +20,7 @@ from durable_asgi.stores.sqlite._schema import SCHEMA, SCHEMA_VERSION
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
 LONG = 60.0
+_T = TypeVar("_T")
 
 #: The statements of schema 1 (durable_asgi before the set-based writer), as they were.
 SCHEMA_1 = (
@@ -84,6 +86,27 @@ def segments(path: Path, sid: str) -> list[tuple[int, int, int]]:
     finally:
         db.close()
     return [tuple(row) for row in rows]
+
+
+async def claimed(store: SQLiteStore, sids: Iterable[str]) -> list[Lease]:
+    """A fresh lease on each of `sids`, in order."""
+    leases = []
+    for sid in sids:
+        lease = await store.claim(sid, lease_seconds=LONG)
+        assert isinstance(lease, Lease)
+        leases.append(lease)
+    return leases
+
+
+async def statements(store: SQLiteStore, work: Awaitable[_T]) -> tuple[_T, list[str]]:
+    """What `work` answers, and the SQL statements the store's writer ran meanwhile."""
+    writer, _ = await store._db.connections()
+    traced: list[str] = []
+    await writer.run(lambda conn: conn.set_trace_callback(traced.append))
+    try:
+        return await work, traced
+    finally:
+        await writer.run(lambda conn: conn.set_trace_callback(None))
 
 
 def record_transactions(monkeypatch: pytest.MonkeyPatch, store: SQLiteStore) -> list[Any]:
@@ -167,11 +190,8 @@ async def test_sqlite_batch_of_split_and_whole_appends_fences_each_stream_alone(
     store, other = SQLiteStore(path), SQLiteStore(path)
     try:
         sids = ["/a#1", "/b#1", "/lost#1", "/c#1"]
-        leases = {}
-        for sid in sids:
-            lease = await store.claim(sid, lease_seconds=LONG)
-            assert isinstance(lease, Lease)
-            leases[sid] = lease
+        leases = dict(zip(sids, await claimed(store, sids), strict=True))
+        for lease in leases.values():
             await store.append(lease, b"<", chunks=1)
         assert await other.abort("/lost#1", ttl=LONG)
         bodies = {
@@ -222,16 +242,12 @@ async def test_sqlite_one_streams_writes_in_one_batch_apply_in_order(
     path = tmp_path / "durable.db"
     store, other = SQLiteStore(path), SQLiteStore(path)
     try:
-        leases = []
-        for n in range(3):
-            lease = await store.claim(f"/s#{n}", lease_seconds=LONG)
-            assert isinstance(lease, Lease)
-            leases.append(lease)
+        leases = await claimed(store, (f"/s#{n}" for n in range(3)))
         transactions = record_transactions(monkeypatch, store)
         calls = []
         for n, lease in enumerate(leases):
             calls += [
-                store.start(lease, 201, [(b"x-n", str(n).encode())]),
+                store.start(lease, 201, ((b"x-n", str(n).encode()),)),
                 store.append(lease, f"one-{n} ".encode(), chunks=1),
                 store.append(lease, f"two-{n}".encode(), chunks=1),
                 store.finish(lease, "complete", ttl=LONG, retain=True),
@@ -246,8 +262,7 @@ async def test_sqlite_one_streams_writes_in_one_batch_apply_in_order(
         # The batch's second run of appends came after the first: two segments each.
         assert [len(segments(path, f"/s#{n}")) for n in range(3)] == [2, 2, 2]
         # A write queued after the finish, in the same batch, is refused.
-        lease = await store.claim("/late#1", lease_seconds=LONG)
-        assert isinstance(lease, Lease)
+        (lease,) = await claimed(store, ["/late#1"])
         results = await asyncio.gather(
             store.finish(lease, "complete", ttl=LONG, retain=True),
             store.append(lease, b"too late", chunks=1),
@@ -267,18 +282,13 @@ async def test_sqlite_a_run_of_appends_is_a_few_statements_however_many_streams(
     around which the GIL is handed over), not one per stream; every stream lands."""
     store = SQLiteStore(tmp_path / "durable.db")
     try:
-        leases = []
-        for n in range(300):
-            lease = await store.claim(f"/many#{n}", lease_seconds=LONG)
-            assert isinstance(lease, Lease)
-            leases.append(lease)
-        writer, _ = await store._db.connections()
-        traced: list[str] = []
-        await writer.run(lambda conn: conn.set_trace_callback(traced.append))
-        outcomes = await store.write_many(
-            [Write(lease, None, f"token {n}".encode(), 1) for n, lease in enumerate(leases)]
+        leases = await claimed(store, (f"/many#{n}" for n in range(300)))
+        outcomes, traced = await statements(
+            store,
+            store.write_many(
+                [Write(lease, None, f"token {n}".encode(), 1) for n, lease in enumerate(leases)]
+            ),
         )
-        await writer.run(lambda conn: conn.set_trace_callback(None))
         assert outcomes == [None] * 300
         # BEGIN, data_version, 5 INSERTs of 64 staged rows at most, UPDATE, INSERT, SELECT,
         # DELETE, COMMIT.
@@ -297,23 +307,13 @@ async def test_sqlite_renewals_are_a_few_statements_and_each_fenced(tmp_path: Pa
     path = tmp_path / "durable.db"
     store, other = SQLiteStore(path), SQLiteStore(path)
     try:
-        leases = []
-        for n in range(100):
-            lease = await store.claim(f"/renew#{n}", lease_seconds=LONG)
-            assert isinstance(lease, Lease)
-            leases.append(lease)
+        leases = await claimed(store, (f"/renew#{n}" for n in range(100)))
         assert await other.abort("/renew#7", ttl=LONG)
         await other.attach("/renew#3", 1)  # unseen here until a commit reads it back
         before = await other.info("/renew#3")
         assert before is not None and before.lease_expires_at is not None
-        writer, _ = await store._db.connections()
-        traced: list[str] = []
-        await writer.run(lambda conn: conn.set_trace_callback(traced.append))
-        results = await asyncio.gather(
-            *(store.renew(lease, lease_seconds=2 * LONG) for lease in leases),
-            return_exceptions=True,
-        )
-        await writer.run(lambda conn: conn.set_trace_callback(None))
+        renewals = (store.renew(lease, lease_seconds=2 * LONG) for lease in leases)
+        results, traced = await statements(store, asyncio.gather(*renewals, return_exceptions=True))
         assert [n for n, r in enumerate(results) if r is not None] == [7]
         assert isinstance(results[7], LeaseLost)
         # BEGIN, data_version, 2 INSERTs of staged rows, UPDATE, SELECT, DELETE, the refused
